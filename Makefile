@@ -1,0 +1,42 @@
+# mlforce: the README's two commands are `make demo` and `make test`; both set everything up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/ethanol_xtb.yaml
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test demo data lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch first: an open range would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check mlforce flows tests benchmarks
+	$(PY) -m pytest -q
+
+# Reference data (GFN2-xTB Langevin MD of ethanol) into the git-ignored datasets/ folder.
+data: $(STAMP)
+	$(VENV)/bin/mlforce generate $(CONFIG) --out datasets
+
+demo: $(STAMP)
+	$(VENV)/bin/mlforce demo $(CONFIG)
+
+lint: $(STAMP)
+	$(PY) -m ruff check mlforce flows tests benchmarks
+	$(PY) -m ruff format --check mlforce flows tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format mlforce flows tests benchmarks
+	$(PY) -m ruff check --fix mlforce flows tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

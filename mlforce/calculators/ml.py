@@ -1,0 +1,149 @@
+"""ASE calculator for an mlforce checkpoint: forces plus MC-dropout force uncertainty.
+
+One ``calculate()`` fills every property in ``implemented_properties``:
+
+* ``energy``/``free_energy`` (eV), ``forces`` (n, 3) eV/Å, ``stress`` (Voigt 6, eV/Å^3,
+  periodic cells only): the deterministic model (dropout off) by default, or the MC mean with
+  ``prediction="mc_mean"``; for a committee checkpoint, the committee mean;
+* ``energy_std`` (eV), ``forces_std`` (n,) eV/Å per atom (norm of the 3-component std over
+  samples), ``max_force_std`` (eV/Å, max over atoms): **calibrated** with the checkpoint's
+  calibration (an expected error) unless ``calibrated=False``;
+* ``max_force_std_raw`` (eV/Å) and ``forces_samples`` (T, n, 3): the raw samples' statistics.
+
+The MC samples use fixed dropout keys (``seed``), so the uncertainty is a smooth, reproducible
+function of the geometry: the same structure always gets the same σ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from mlforce import keys
+from mlforce.checkpoint import Checkpoint, load_checkpoint
+from mlforce.device import resolve_device
+from mlforce.errors import ConfigError
+from mlforce.forces import compute_forces
+from mlforce.graph import atoms_to_graph, batch_graphs
+from mlforce.uncertainty import Prediction, apply_calibration, committee_predict, mc_predict
+
+_VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+
+
+class MLForceCalculator(Calculator):
+    """``MLForceCalculator(checkpoint, device="auto", mc_samples=16, ...)``."""
+
+    implemented_properties = [
+        "energy",
+        "free_energy",
+        "forces",
+        "stress",
+        keys.ENERGY_STD,
+        keys.FORCES_STD,
+        keys.MAX_FORCE_STD,
+        "max_force_std_raw",
+    ]
+
+    def __init__(
+        self,
+        checkpoint: str | Path | Checkpoint,
+        device: str = "auto",
+        mc_samples: int = 16,
+        seed: int = 0,
+        prediction: str = "deterministic",
+        uncertainty: bool = True,
+        calibrated: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if prediction not in ("deterministic", "mc_mean"):
+            raise ConfigError(
+                f"prediction must be 'deterministic' or 'mc_mean', got {prediction!r}"
+            )
+        self.device = resolve_device(device)
+        self.checkpoint = (
+            checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        )
+        self.checkpoint.to(self.device)
+        if uncertainty and not self.checkpoint.is_ensemble and mc_samples < 2:
+            raise ConfigError(f"uncertainty needs mc_samples >= 2, got {mc_samples}")
+        if prediction == "mc_mean" and not uncertainty:
+            raise ConfigError("prediction 'mc_mean' needs uncertainty=True")
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        self.prediction = prediction
+        self.uncertainty = uncertainty
+        self.calibration = self.checkpoint.calibration if calibrated else {"method": "none"}
+        self.dtype = next(self.checkpoint.model.parameters()).dtype
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _graph(self, atoms_list: Sequence[Atoms]) -> Any:
+        graphs = [
+            atoms_to_graph(a, self.checkpoint.species, self.checkpoint.cutoff, self.dtype)
+            for a in atoms_list
+        ]
+        return batch_graphs(graphs).to(self.device)
+
+    def predict(self, atoms_list: Sequence[Atoms]) -> list[dict[str, Any]]:
+        """Results for several structures in one batched pass (one dict per structure)."""
+        graph = self._graph(atoms_list)
+        periodic = bool(graph.pbc.all())
+        if any(bool(a.pbc.any()) != periodic for a in atoms_list):
+            raise ConfigError("a batch must be all periodic or all molecular")
+        ckpt = self.checkpoint
+        pred: Prediction | None = None
+        if ckpt.is_ensemble:
+            pred = committee_predict(ckpt.models, graph, compute_stress=periodic)
+        elif self.uncertainty:
+            pred = mc_predict(ckpt.model, graph, self.mc_samples, self.seed, periodic)
+        if pred is None:
+            out = compute_forces(ckpt.model, graph, create_graph=False, compute_stress=periodic)
+            energy, forces, stress = out[keys.ENERGY], out[keys.FORCES], out.get(keys.STRESS)
+        elif self.prediction == "mc_mean" and not ckpt.is_ensemble:
+            energy, forces, stress = pred.energy_mean, pred.forces_mean, pred.stress
+        else:
+            energy, forces, stress = pred.energy, pred.forces, pred.stress
+        stats = apply_calibration(pred, self.calibration, graph.numbers) if pred else None
+        results = []
+        offsets = np.cumsum([0] + [len(a) for a in atoms_list])
+        for b in range(len(atoms_list)):
+            lo, hi = offsets[b], offsets[b + 1]
+            r: dict[str, Any] = {
+                "energy": float(energy[b]),
+                "free_energy": float(energy[b]),
+                "forces": forces[lo:hi].cpu().numpy().astype(np.float64),
+            }
+            if stress is not None:
+                s = stress[b].cpu().numpy().astype(np.float64)
+                r["stress"] = np.array([s[i, j] for i, j in _VOIGT])
+            if pred is not None and stats is not None:
+                r[keys.ENERGY_STD] = float(stats[keys.ENERGY_STD][b])
+                r[keys.FORCES_STD] = stats[keys.FORCES_STD][lo:hi].cpu().numpy().astype(np.float64)
+                r[keys.MAX_FORCE_STD] = float(stats[keys.MAX_FORCE_STD][b])
+                r["max_force_std_raw"] = float(pred.max_force_std[b])
+                r[keys.FORCES_SAMPLES] = pred.forces_samples[:, lo:hi].cpu().numpy()
+            else:
+                r[keys.ENERGY_STD] = 0.0
+                r[keys.FORCES_STD] = np.zeros(hi - lo)
+                r[keys.MAX_FORCE_STD] = 0.0
+                r["max_force_std_raw"] = 0.0
+            results.append(r)
+        return results
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] | None = None,
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties or ["energy"], system_changes)
+        with torch.inference_mode(False):
+            self.results = self.predict([self.atoms])[0]
+        if not self.atoms.pbc.any():
+            self.results.pop("stress", None)

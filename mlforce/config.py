@@ -1,0 +1,217 @@
+"""Typed configuration: one pydantic model per section, loaded from YAML.
+
+Unknown keys and wrong types are errors that name the file and the key, e.g.
+``configs/x.yaml: model.featurs: unknown key``. YAML is read with ``yaml.safe_load``.
+Units: Å, eV, fs, K throughout; each field's description says which.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlforce.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """Architecture of the PaiNN-style message-passing network."""
+
+    cutoff: float = Field(5.0, gt=0, description="neighbour cutoff radius (Å)")
+    features: int = Field(64, ge=4, description="hidden features per atom")
+    blocks: int = Field(3, ge=1, description="interaction (message + update) blocks")
+    radial_basis: int = Field(16, ge=2, description="Bessel radial basis functions")
+    node_dropout: float = Field(
+        0.05, ge=0, lt=1, description="dropout rate on hidden node features in the blocks"
+    )
+    edge_dropout: float = Field(
+        0.05, ge=0, lt=1, description="DropEdge rate: a dropped pair sends no message"
+    )
+    readout_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout rate on the hidden layer of the energy readout"
+    )
+    dropout_blocks: int | None = Field(
+        None, ge=0, description="dropout only in the last N blocks (None: every block)"
+    )
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class TrainingConfig(Strict):
+    """Optimisation of energy + force loss."""
+
+    seed: int = 0
+    max_epochs: int = Field(400, ge=1)
+    max_minutes: float | None = Field(12.0, gt=0, description="wall-time cap (min)")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    lr_min: float = Field(2e-5, ge=0, description="final learning rate of the cosine schedule")
+    warmup_epochs: int = Field(2, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    energy_weight: float = Field(1.0, ge=0, description="weight of (eV/atom)^2 energy loss")
+    force_weight: float = Field(10.0, ge=0, description="weight of (eV/Å)^2 force loss")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(60, ge=1, description="early stopping: epochs without improvement")
+    ema_decay: float | None = Field(0.99, ge=0, lt=1, description="EMA of weights (None: off)")
+    ensemble: int = Field(1, ge=1, description="train a committee of N models (seeds differ)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores)")
+
+
+class GenerateConfig(Strict):
+    """Reference MD that produces training and test data (`mlforce generate`)."""
+
+    structure: str = Field("data/ethanol.xyz", description="starting structure file")
+    temperatures: list[float] = Field(
+        default_factory=lambda: [300.0, 400.0, 500.0, 600.0, 700.0, 800.0],
+        description="Langevin temperatures of the training MD (K)",
+    )
+    frames: int = Field(1000, ge=1, description="training frames, spread over temperatures")
+    interval: int = Field(20, ge=1, description="MD steps between stored frames")
+    timestep_fs: float = Field(0.5, gt=0)
+    friction: float = Field(0.01, gt=0, description="Langevin friction (1/fs)")
+    equilibration_steps: int = Field(400, ge=0)
+    seed: int = 1
+    test_temperatures: list[float] = Field(
+        default_factory=lambda: [300.0, 800.0], description="independent test trajectories (K)"
+    )
+    test_frames: int = Field(200, ge=1, description="frames per test trajectory")
+    test_seed: int = 1001
+
+    @model_validator(mode="after")
+    def _positive_temperatures(self) -> GenerateConfig:
+        for t in [*self.temperatures, *self.test_temperatures]:
+            if t <= 0:
+                raise ValueError(f"temperatures must be > 0 K, got {t}")
+        return self
+
+
+class DataConfig(Strict):
+    """Where training data lives. Paths are relative to the working directory."""
+
+    train: list[str] = Field(default_factory=lambda: ["datasets/ethanol_train.extxyz"])
+    test: dict[str, str] = Field(
+        default_factory=lambda: {
+            "300K": "datasets/ethanol_test_300K.extxyz",
+            "800K": "datasets/ethanol_test_800K.extxyz",
+        }
+    )
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+
+class ReferenceConfig(Strict):
+    """The reference (quantum-chemistry) calculator that produces labels.
+
+    Per-structure ``atoms.info["charge"]`` and ``atoms.info["multiplicity"]`` (or ``"spin"``,
+    read as 2S+1) take precedence over ``charge`` and ``multiplicity`` (xtb and pyscf only).
+    """
+
+    kind: Literal["xtb", "pyscf", "emt", "ase"] = "xtb"
+    method: str | None = Field(
+        None,
+        description="xtb: GFN2-xTB (default), GFN1-xTB; pyscf: HF or a functional (default B3LYP)",
+    )
+    charge: int = Field(0, description="total charge (e)")
+    multiplicity: int = Field(1, ge=1, description="spin multiplicity 2S+1")
+    electronic_temperature: float = Field(300.0, gt=0, description="xtb electronic T (K)")
+    max_iterations: int = Field(250, ge=1, description="SCF iteration limit (xtb, pyscf)")
+    basis: str = Field("def2-svp", description="pyscf basis set")
+    density_fit: bool = Field(False, description="pyscf: density fitting")
+    calculator: str | None = Field(
+        None, description="ase: import path 'module:Class' or 'module.Class'"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="ase: constructor kwargs")
+    timeout_s: float | None = Field(
+        None, gt=0, description="wall-time limit per call (s); the call runs in a child process"
+    )
+    retries: int = Field(1, ge=0, description="extra attempts after a failure")
+    fallback: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings that replace these on retries, e.g. {electronic_temperature: 1000}",
+    )
+
+
+class UncertaintyConfig(Strict):
+    """Monte Carlo dropout at inference."""
+
+    mc_samples: int = Field(16, ge=2, description="stochastic passes T, batched")
+    seed: int = 0
+    prediction: Literal["deterministic", "mc_mean"] = Field(
+        "deterministic", description="forces used for MD: dropout off, or the MC mean"
+    )
+    calibration: Literal["none", "scale", "per_element"] = "scale"
+
+
+class Config(Strict):
+    """A whole mlforce job."""
+
+    name: str = "mlforce"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{source}: {key}: unknown key")
+        else:
+            parts.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a plain dict as a :class:`Config`; errors name ``source`` and the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted keys (``training.max_epochs``) set."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {p} is not a section")
+        node[leaf] = value
+    return out
+
+
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file into a dict (safe_load), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return {} if data is None else data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a YAML config; ``overrides`` are dotted keys applied first."""
+    data = read_config_dict(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return config_from_dict(data, source=str(path))

@@ -1,0 +1,65 @@
+"""Deterministic predictions on many structures, and error metrics against reference labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch_geometric.data import Data
+
+from mlforce import keys
+from mlforce.forces import compute_forces
+from mlforce.graph import batch_graphs
+from mlforce.model import ForceField
+
+
+def predict_graphs(
+    model: ForceField, graphs: Sequence[Data], batch_size: int = 32
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Dropout-free energies (B,) eV and per-structure forces [(n_b, 3)] eV/Å."""
+    device = next(model.parameters()).device
+    energies: list[np.ndarray] = []
+    forces: list[np.ndarray] = []
+    for start in range(0, len(graphs), batch_size):
+        batch = batch_graphs(graphs[start : start + batch_size]).to(device)
+        out = compute_forces(model, batch, create_graph=False)
+        energies.append(out[keys.ENERGY].cpu().numpy())
+        f = out[keys.FORCES].cpu().numpy().astype(np.float64)
+        counts = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
+        forces.extend(np.split(f, np.cumsum(counts)[:-1]))
+    return np.concatenate(energies), forces
+
+
+def force_metrics(
+    energy_pred: np.ndarray,
+    forces_pred: Sequence[np.ndarray],
+    energy_ref: np.ndarray,
+    forces_ref: Sequence[np.ndarray],
+) -> dict[str, Any]:
+    """Errors of predictions against references.
+
+    Keys: ``n_configs``; ``energy_mae_per_atom``, ``energy_rmse_per_atom`` (eV/atom);
+    ``force_mae``, ``force_rmse`` (eV/Å, over Cartesian components); ``max_force_error``
+    (eV/Å, largest per-atom error-vector norm).
+    """
+    n_atoms = np.array([len(f) for f in forces_ref], dtype=np.float64)
+    de = (np.asarray(energy_pred) - np.asarray(energy_ref)) / n_atoms
+    df = np.concatenate([np.asarray(p) - np.asarray(r) for p, r in zip(forces_pred, forces_ref)])
+    return {
+        "n_configs": len(forces_ref),
+        "energy_mae_per_atom": float(np.mean(np.abs(de))),
+        "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
+        "force_mae": float(np.mean(np.abs(df))),
+        "force_rmse": float(np.sqrt(np.mean(df**2))),
+        "max_force_error": float(np.max(np.linalg.norm(df, axis=1))),
+    }
+
+
+def evaluate_graphs(model: ForceField, graphs: Sequence[Data], batch_size: int = 32) -> dict:
+    """Metrics of the deterministic model on labelled graphs (see :func:`force_metrics`)."""
+    energy, forces = predict_graphs(model, graphs, batch_size)
+    e_ref = np.array([float(g.energy_ref[0]) for g in graphs])
+    f_ref = [g.forces_ref.cpu().numpy().astype(np.float64) for g in graphs]
+    return force_metrics(energy, forces, e_ref, f_ref)

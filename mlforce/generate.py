@@ -1,0 +1,102 @@
+"""Reference data by Langevin MD with the reference calculator (GFN2-xTB by default).
+
+``mlforce generate CONFIG --out datasets`` writes ``<name>_train.extxyz`` (frames spread over
+the configured temperatures) and one independent ``<name>_test_<T>K.extxyz`` per test
+temperature, each frame with the reference ``energy`` (eV) and ``forces`` (eV/Å).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+from mlforce.calculators.reference import build_reference
+from mlforce.config import Config, GenerateConfig, ReferenceConfig
+from mlforce.data import read_structures
+
+
+def _labelled_copy(atoms: Atoms, temperature: float, step: int) -> Atoms:
+    frame = atoms.copy()
+    frame.calc = SinglePointCalculator(
+        frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces()
+    )
+    frame.info.update(md_temperature_K=temperature, md_step=step)
+    return frame
+
+
+def reference_md(
+    start: Atoms,
+    reference: ReferenceConfig,
+    temperature: float,
+    frames: int,
+    gen: GenerateConfig,
+    seed: int,
+) -> list[Atoms]:
+    """Langevin MD at ``temperature`` (K); ``frames`` snapshots every ``gen.interval`` steps."""
+    atoms = start.copy()
+    atoms.calc = build_reference(reference, atoms)
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    if not atoms.pbc.any():
+        ZeroRotation(atoms)
+    dyn = Langevin(
+        atoms,
+        timestep=gen.timestep_fs * units.fs,
+        temperature_K=temperature,
+        friction=gen.friction / units.fs,
+        fixcm=False,  # ASE's fixcm=True biases small systems; the drift of a molecule is harmless
+        rng=rng,
+    )
+    dyn.run(gen.equilibration_steps)
+    out = []
+    for k in range(frames):
+        dyn.run(gen.interval)
+        out.append(
+            _labelled_copy(atoms, temperature, gen.equilibration_steps + (k + 1) * gen.interval)
+        )
+    return out
+
+
+def generate_datasets(
+    config: Config, out_dir: str | Path, log: Callable[[str], None] | None = None
+) -> dict[str, Path]:
+    """Write the training and test sets of ``config.data.generate`` into ``out_dir``."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    gen = config.data.generate
+    start = read_structures(gen.structure)[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(gen.structure).stem
+    paths: dict[str, Path] = {}
+
+    per_t = np.full(len(gen.temperatures), gen.frames // len(gen.temperatures))
+    per_t[: gen.frames % len(gen.temperatures)] += 1
+    train: list[Atoms] = []
+    t0 = time.perf_counter()
+    for k, (temperature, n) in enumerate(zip(gen.temperatures, per_t)):
+        train += reference_md(start, config.reference, temperature, int(n), gen, gen.seed + k)
+        log(
+            f"train: {len(train)}/{gen.frames} frames ({temperature:.0f} K done, "
+            f"{time.perf_counter() - t0:.0f} s)"
+        )
+    paths["train"] = out / f"{stem}_train.extxyz"
+    write(paths["train"], train, format="extxyz")
+    for k, temperature in enumerate(gen.test_temperatures):
+        frames = reference_md(
+            start, config.reference, temperature, gen.test_frames, gen, gen.test_seed + k
+        )
+        name = f"test_{temperature:.0f}K"
+        paths[name] = out / f"{stem}_{name}.extxyz"
+        write(paths[name], frames, format="extxyz")
+        log(f"{name}: {len(frames)} frames ({time.perf_counter() - t0:.0f} s)")
+    return paths

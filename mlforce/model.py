@@ -1,0 +1,164 @@
+"""ForceField: total energy of each graph from PaiNN blocks, with per-species shift and scale.
+
+``E_graph = sum_atoms (scale[z] * readout(s_atom) + shift[z])`` in eV. The shift and scale are
+buffers fitted from the training data (:meth:`ForceField.fit_shift_scale`): least-squares
+per-species energies, and the RMS of the reference force components.
+Forces and stress are taken in :mod:`mlforce.forces`, never here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mlforce import keys
+from mlforce.config import ModelConfig
+from mlforce.nn.dropout import READOUT_SITE, DropoutKeys, block_site, edge_weights
+from mlforce.nn.painn import Interaction, Readout, _Context
+from mlforce.nn.radial import BesselBasis, PolynomialEnvelope
+
+
+def edge_vectors(graph: Any, positions: Tensor | None = None, cell: Tensor | None = None) -> Tensor:
+    """Edge vectors r_ij = r_j - r_i + S @ cell (E, 3) in Å, from (possibly strained) inputs."""
+    pos = graph.pos if positions is None else positions
+    cell = graph.cell if cell is None else cell
+    src, dst = graph.edge_index[0], graph.edge_index[1]
+    vec = pos[src] - pos[dst]
+    if graph.cell_shift.numel():
+        graph_of_edge = _batch_vector(graph)[dst]
+        vec = vec + torch.einsum("ek,ekl->el", graph.cell_shift.to(vec.dtype), cell[graph_of_edge])
+    return vec
+
+
+def _batch_vector(graph: Any) -> Tensor:
+    batch = getattr(graph, keys.BATCH, None)
+    if batch is None:
+        return torch.zeros(graph.pos.shape[0], dtype=torch.long, device=graph.pos.device)
+    return batch
+
+
+def _num_graphs(graph: Any) -> int:
+    return int(graph.num_graphs) if hasattr(graph, "num_graphs") else 1
+
+
+class ForceField(nn.Module):
+    """PaiNN-style energy model. ``forward`` returns per-graph energies (B,) in eV."""
+
+    def __init__(self, species: Sequence[int], config: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or ModelConfig()
+        self.config = cfg
+        self.species = [int(z) for z in species]
+        if len(set(self.species)) != len(self.species) or not self.species:
+            raise ValueError(f"species must be distinct atomic numbers, got {self.species}")
+        f = cfg.features
+        self.cutoff = float(cfg.cutoff)
+        self.embedding = nn.Embedding(len(self.species), f)
+        self.basis = BesselBasis(cfg.cutoff, cfg.radial_basis)
+        self.envelope = PolynomialEnvelope(cfg.cutoff)
+        self.blocks = nn.ModuleList(
+            [Interaction(f, cfg.radial_basis, index=b) for b in range(cfg.blocks)]
+        )
+        self.readout = Readout(f)
+        self.register_buffer("atomic_shift", torch.zeros(len(self.species), dtype=torch.float64))
+        self.register_buffer("atomic_scale", torch.ones(len(self.species)))
+        n_dropout = (
+            cfg.blocks if cfg.dropout_blocks is None else min(cfg.dropout_blocks, cfg.blocks)
+        )
+        self.first_dropout_block = cfg.blocks - n_dropout
+        self.reset_parameters()
+        if cfg.dtype == "float64":
+            self.double()
+
+    def reset_parameters(self) -> None:
+        self.embedding.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
+        self.readout.reset_parameters()
+
+    @property
+    def has_dropout(self) -> bool:
+        """True when some dropout rate is non-zero (MC sampling gives a non-zero spread)."""
+        c = self.config
+        blocks_with = c.blocks - self.first_dropout_block
+        return (blocks_with > 0 and (c.node_dropout > 0 or c.edge_dropout > 0)) or (
+            c.readout_dropout > 0
+        )
+
+    def fit_shift_scale(
+        self, numbers: Sequence[np.ndarray], energies: Sequence[float], forces: np.ndarray
+    ) -> None:
+        """Fit per-species energy shifts (eV) by least squares and the scale (eV/Å).
+
+        ``numbers``: atomic numbers per structure; ``energies``: reference energies (eV);
+        ``forces``: all reference force components (eV/Å). With one composition only, the
+        minimum-norm solution spreads the mean energy over the species.
+        """
+        counts = np.zeros((len(numbers), len(self.species)))
+        index = {z: k for k, z in enumerate(self.species)}
+        for row, zs in enumerate(numbers):
+            for z in zs:
+                counts[row, index[int(z)]] += 1
+        e = np.asarray(energies, dtype=np.float64)
+        shift, *_ = np.linalg.lstsq(counts, e, rcond=None)
+        scale = float(np.sqrt(np.mean(np.asarray(forces, dtype=np.float64) ** 2)))
+        scale = scale if scale > 1e-6 else 1.0
+        self.atomic_shift.copy_(torch.as_tensor(shift, dtype=torch.float64))
+        self.atomic_scale.fill_(scale)
+
+    def forward(
+        self,
+        graph: Any,
+        positions: Tensor | None = None,
+        cell: Tensor | None = None,
+        dropout: DropoutKeys | None = None,
+    ) -> Tensor:
+        """Energy per graph (B,) in eV, float64.
+
+        ``positions`` (n, 3) and ``cell`` (B, 3, 3) replace the graph's own (forces and stress
+        are gradients with respect to them). ``dropout`` switches dropout on with the given
+        keys; ``None`` gives the deterministic model whatever ``self.training`` says.
+        """
+        cfg = self.config
+        pos = graph.pos if positions is None else positions
+        batch = _batch_vector(graph)
+        n_graphs = _num_graphs(graph)
+        vec = edge_vectors(graph, pos, cell)
+        dist = torch.linalg.norm(vec, dim=1)
+        unit = vec / dist.unsqueeze(1)
+        basis = self.basis(dist)
+        envelope = self.envelope(dist)
+        species = graph.species
+        s = self.embedding(species).to(pos.dtype)
+        v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=pos.dtype, device=pos.device)
+        ctx = _Context(dropout, batch, graph.local_atom)
+        for b, block in enumerate(self.blocks):
+            stochastic = b >= self.first_dropout_block
+            weight = None
+            if stochastic:
+                weight = edge_weights(
+                    cfg.edge_dropout, dropout, graph.edge_index, batch, graph.local_atom,
+                    graph.cell_shift, block_site(b, 2), pos.dtype,
+                )  # fmt: skip
+            s, v = block(
+                s, v, graph.edge_index, basis, envelope, unit, weight, ctx,
+                cfg.node_dropout if stochastic else 0.0,
+            )  # fmt: skip
+        atomic = self.readout(s, ctx, cfg.readout_dropout, READOUT_SITE)
+        atomic = atomic * self.atomic_scale[species].to(atomic.dtype)
+        # The large constant part (per-species shifts, ~ -100 eV/atom) is added in float64 so
+        # float32 models keep meV resolution in total energies.
+        atomic = atomic.to(torch.float64) + self.atomic_shift[species]
+        energy = torch.zeros(n_graphs, dtype=torch.float64, device=atomic.device)
+        return energy.index_add(0, batch, atomic)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description: everything needed to rebuild the module."""
+        return {"species": self.species, "model": self.config.model_dump()}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,1 @@
+"""Building blocks of the network: radial basis, dropout, interaction blocks, readout."""

@@ -1,0 +1,278 @@
+"""Monte Carlo dropout force uncertainty in one batched pass, committees, and calibration.
+
+T stochastic samples are T copies of the (batched) graph, evaluated as one disjoint graph in a
+single forward + backward pass, each copy with its own dropout key (``hash(seed, t)``). The
+deterministic (dropout-off) prediction rides along as one more copy with dropout switched off.
+
+Definitions (std over samples, ``ddof = 0`` as ``numpy.std``):
+
+* ``forces_std_xyz`` (n, 3): std of each force component, eV/Å;
+* ``forces_std`` (n,): per-atom std, the norm of the 3-component std,
+  ``sqrt(std_x^2 + std_y^2 + std_z^2)``, eV/Å;
+* ``max_force_std`` (B,): the largest ``forces_std`` in each structure, eV/Å;
+* ``energy_std`` (B,): std of the total energy, eV.
+
+Raw values come from the samples; :func:`apply_calibration` multiplies stds by the scale fitted
+on validation data (:func:`fit_calibration`), which turns them into expected errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mlforce import keys
+from mlforce.forces import compute_forces
+from mlforce.graph import replicate
+from mlforce.model import ForceField, _batch_vector, _num_graphs
+from mlforce.nn.dropout import DropoutKeys
+
+
+@dataclass
+class Prediction:
+    """Deterministic prediction plus sample statistics for a batch of B graphs, n atoms."""
+
+    energy: Tensor  # (B,) eV
+    forces: Tensor  # (n, 3) eV/Å
+    energy_samples: Tensor  # (T, B) eV
+    forces_samples: Tensor  # (T, n, 3) eV/Å
+    batch: Tensor  # (n,) graph of each atom
+    stress: Tensor | None = None  # (B, 3, 3) eV/Å^3
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.energy_samples.shape[0])
+
+    @property
+    def energy_mean(self) -> Tensor:
+        return self.energy_samples.mean(0)
+
+    @property
+    def forces_mean(self) -> Tensor:
+        return self.forces_samples.mean(0)
+
+    @property
+    def energy_std(self) -> Tensor:
+        return self.energy_samples.std(0, unbiased=False)
+
+    @property
+    def forces_std_xyz(self) -> Tensor:
+        return self.forces_samples.std(0, unbiased=False)
+
+    @property
+    def forces_std(self) -> Tensor:
+        return torch.linalg.norm(self.forces_std_xyz, dim=1)
+
+    @property
+    def max_force_std(self) -> Tensor:
+        per_atom = self.forces_std
+        n_graphs = int(self.energy.shape[0])
+        out = torch.zeros(n_graphs, dtype=per_atom.dtype, device=per_atom.device)
+        return out.scatter_reduce(0, self.batch, per_atom, reduce="amax", include_self=True)
+
+
+def mc_predict(
+    model: ForceField,
+    graph: Any,
+    n_samples: int,
+    seed: int = 0,
+    compute_stress: bool = False,
+) -> Prediction:
+    """Deterministic prediction and ``n_samples`` MC-dropout samples in one batched pass."""
+    if n_samples < 2:
+        raise ValueError(f"MC uncertainty needs at least 2 samples, got {n_samples}")
+    n_graphs = _num_graphs(graph)
+    n = graph.pos.shape[0]
+    copies = n_samples + 1
+    device = graph.pos.device
+    replica = replicate(graph, copies)
+    sample_keys = DropoutKeys.for_samples(seed, n_samples, n_graphs, device).graph_keys
+    graph_keys = torch.cat([torch.zeros(n_graphs, dtype=torch.long, device=device), sample_keys])
+    active = torch.ones(copies * n_graphs, dtype=torch.bool, device=device)
+    active[:n_graphs] = False
+    out = compute_forces(
+        model,
+        replica,
+        create_graph=False,
+        compute_stress=compute_stress,
+        dropout=DropoutKeys(graph_keys, active),
+    )
+    energy = out[keys.ENERGY].reshape(copies, n_graphs)
+    forces = out[keys.FORCES].reshape(copies, n, 3)
+    stress = out[keys.STRESS].reshape(copies, n_graphs, 3, 3)[0] if compute_stress else None
+    return Prediction(energy[0], forces[0], energy[1:], forces[1:], _batch_vector(graph), stress)
+
+
+def committee_predict(
+    models: Sequence[ForceField], graph: Any, compute_stress: bool = False
+) -> Prediction:
+    """A deep ensemble: member predictions as samples, their mean as the prediction."""
+    outs = [
+        compute_forces(m, graph, create_graph=False, compute_stress=compute_stress) for m in models
+    ]
+    energy = torch.stack([o[keys.ENERGY] for o in outs])
+    forces = torch.stack([o[keys.FORCES] for o in outs])
+    stress = torch.stack([o[keys.STRESS] for o in outs]).mean(0) if compute_stress else None
+    return Prediction(energy.mean(0), forces.mean(0), energy, forces, _batch_vector(graph), stress)
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+def fit_calibration(
+    errors_xyz: np.ndarray,
+    std_xyz: np.ndarray,
+    numbers: np.ndarray | None = None,
+    method: str = "scale",
+) -> dict[str, Any]:
+    """Fit stds to errors on validation data by Gaussian likelihood.
+
+    ``errors_xyz`` and ``std_xyz`` (N, 3): force-component errors and raw MC stds (eV/Å).
+    With ``e ~ N(0, (s σ)^2)`` the maximum-likelihood scale is ``s^2 = mean(e^2 / σ^2)``.
+    ``method``: ``scale`` (one s), ``per_element`` (one s per atomic number, ``numbers`` (N,)),
+    or ``none``. Returns a JSON-able dict stored in the checkpoint.
+    """
+    if method == "none":
+        return {"method": "none"}
+    e2 = np.asarray(errors_xyz, dtype=np.float64) ** 2
+    var = np.maximum(np.asarray(std_xyz, dtype=np.float64) ** 2, 1e-12)
+
+    def scale(mask: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(e2[mask] / var[mask])))
+
+    everyone = np.ones(len(e2), dtype=bool)
+    result: dict[str, Any] = {"method": method, "scale": scale(everyone), "n_atoms": len(e2)}
+    if method == "per_element":
+        if numbers is None:
+            raise ValueError("per_element calibration needs the atomic numbers")
+        numbers = np.asarray(numbers)
+        result["per_element"] = {str(int(z)): scale(numbers == z) for z in np.unique(numbers)}
+    elif method != "scale":
+        raise ValueError(f"unknown calibration method {method!r} (none, scale, per_element)")
+    return result
+
+
+def calibration_factors(calibration: dict[str, Any], numbers: Tensor) -> Tensor:
+    """Per-atom scale factors (n,) for ``numbers`` (n,); ones when uncalibrated."""
+    method = calibration.get("method", "none")
+    ones = torch.ones(numbers.shape[0], dtype=torch.float64, device=numbers.device)
+    if method == "none" or "scale" not in calibration:
+        return ones
+    factors = ones * float(calibration["scale"])
+    for z, s in calibration.get("per_element", {}).items():
+        factors = torch.where(numbers == int(z), torch.full_like(factors, float(s)), factors)
+    return factors
+
+
+def apply_calibration(
+    prediction: Prediction, calibration: dict[str, Any], numbers: Tensor
+) -> dict[str, Tensor]:
+    """Calibrated ``forces_std`` (n,), ``max_force_std`` (B,) and ``energy_std`` (B,) in eV (/Å)."""
+    factors = calibration_factors(calibration, numbers).to(prediction.forces.dtype)
+    forces_std = prediction.forces_std * factors
+    n_graphs = int(prediction.energy.shape[0])
+    max_std = torch.zeros(n_graphs, dtype=forces_std.dtype, device=forces_std.device)
+    max_std = max_std.scatter_reduce(0, prediction.batch, forces_std, "amax", include_self=True)
+    global_scale = float(calibration.get("scale", 1.0)) if calibration.get("method") else 1.0
+    return {
+        keys.FORCES_STD: forces_std,
+        keys.MAX_FORCE_STD: max_std,
+        keys.ENERGY_STD: prediction.energy_std * global_scale,
+    }
+
+
+# --- whole data sets ---------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetPrediction:
+    """Predictions for N structures (numpy, float64): per-structure lists for per-atom arrays."""
+
+    energy: np.ndarray  # (N,) eV, deterministic model (committee: mean)
+    forces: list[np.ndarray]  # [(n_b, 3)] eV/Å, deterministic model (committee: mean)
+    forces_mean: list[np.ndarray]  # [(n_b, 3)] eV/Å, mean over samples
+    forces_std_xyz: list[np.ndarray]  # [(n_b, 3)] eV/Å, raw component std over samples
+    energy_std: np.ndarray  # (N,) eV, raw
+    numbers: list[np.ndarray]  # [(n_b,)] atomic numbers
+    seconds: float = 0.0  # wall time of all predictions
+
+    def forces_std(self, calibration: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """Per-atom std (n_b,) per structure, calibrated when ``calibration`` is given."""
+        out = []
+        for std, z in zip(self.forces_std_xyz, self.numbers):
+            per_atom = np.linalg.norm(std, axis=1)
+            if calibration:
+                per_atom = per_atom * calibration_factors(calibration, torch.as_tensor(z)).numpy()
+            out.append(per_atom)
+        return out
+
+    def max_force_std(self, calibration: dict[str, Any] | None = None) -> np.ndarray:
+        """(N,) largest per-atom std of each structure, calibrated when asked."""
+        return np.array([s.max() for s in self.forces_std(calibration)])
+
+
+def predict_dataset(
+    models: Sequence[ForceField],
+    graphs: Sequence[Any],
+    mc_samples: int = 16,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> DatasetPrediction:
+    """MC-dropout (one model) or committee (several) predictions for many graphs."""
+    import time
+
+    from mlforce.graph import batch_graphs
+
+    device = next(models[0].parameters()).device
+    energy, energy_std = [], []
+    forces, forces_mean, forces_std, numbers = [], [], [], []
+    start = time.perf_counter()
+    for lo in range(0, len(graphs), batch_size):
+        batch = batch_graphs(graphs[lo : lo + batch_size]).to(device)
+        if len(models) > 1:
+            pred = committee_predict(models, batch)
+        else:
+            pred = mc_predict(models[0], batch, mc_samples, seed)
+        counts = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
+        cuts = np.cumsum(counts)[:-1]
+
+        def split(t: Tensor, cuts: np.ndarray = cuts) -> list[np.ndarray]:
+            return np.split(t.detach().cpu().double().numpy(), cuts)
+
+        energy.append(pred.energy.detach().cpu().double().numpy())
+        energy_std.append(pred.energy_std.detach().cpu().double().numpy())
+        forces += split(pred.forces)
+        forces_mean += split(pred.forces_mean)
+        forces_std += split(pred.forces_std_xyz)
+        numbers += np.split(batch.numbers.cpu().numpy(), cuts)
+    return DatasetPrediction(
+        np.concatenate(energy),
+        forces,
+        forces_mean,
+        forces_std,
+        np.concatenate(energy_std),
+        numbers,
+        time.perf_counter() - start,
+    )
+
+
+def calibrate(
+    models: Sequence[ForceField],
+    graphs: Sequence[Any],
+    mc_samples: int,
+    seed: int,
+    method: str = "scale",
+) -> dict[str, Any]:
+    """Fit the calibration of the deterministic prediction's errors on labelled ``graphs``."""
+    pred = predict_dataset(models, graphs, mc_samples, seed)
+    errors = np.concatenate(
+        [f - g.forces_ref.cpu().double().numpy() for f, g in zip(pred.forces, graphs)]
+    )
+    return fit_calibration(
+        errors, np.concatenate(pred.forces_std_xyz), np.concatenate(pred.numbers), method
+    )

@@ -1,0 +1,102 @@
+"""The mlforce CLI end to end on real xTB data, and its one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+
+from mlforce.cli import main
+from tests.conftest import ROOT
+
+SMALL = [
+    "--set", "model.features=16", "--set", "model.blocks=1", "--set", "model.radial_basis=8",
+    "--set", "training.max_epochs=2", "--set", "training.max_minutes=null",
+    "--set", "training.batch_size=4", "--set", "device=cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """generate -> train on a few xTB frames through the CLI (in process)."""
+    out = tmp_path_factory.mktemp("cli")
+    gen = [
+        "--set", "data.generate.frames=16", "--set", "data.generate.test_frames=6",
+        "--set", "data.generate.interval=4", "--set", "data.generate.equilibration_steps=10",
+        "--set", "data.generate.temperatures=[300, 700]",
+        "--set", "data.generate.test_temperatures=[300]",
+    ]  # fmt: skip
+    config = str(ROOT / "configs" / "ethanol_xtb.yaml")
+    assert main(["generate", config, "--out", str(out / "data"), *gen]) == 0
+    train_file = out / "data" / "ethanol_train.extxyz"
+    assert main(["train", config, "--data", str(train_file), "--out", str(out / "m"), *SMALL]) == 0
+    return out, config
+
+
+def test_generate_writes_labelled_extxyz(small_run):
+    out, _ = small_run
+    frames = read(out / "data" / "ethanol_train.extxyz", ":")
+    assert len(frames) == 16
+    assert np.isfinite(frames[0].get_potential_energy())
+    assert frames[0].get_forces().shape == (9, 3)
+    assert len(read(out / "data" / "ethanol_test_300K.extxyz", ":")) == 6
+
+
+def test_train_and_evaluate_json(small_run, capsys):
+    out, _ = small_run
+    assert (out / "m" / "model.pt").is_file()
+    capsys.readouterr()
+    test_file = out / "data" / "ethanol_test_300K.extxyz"
+    assert main(["evaluate", str(out / "m"), str(test_file), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"n_configs", "energy_mae_per_atom", "force_mae", "force_rmse"} <= set(metrics)
+    assert metrics["n_configs"] == 6
+    assert 0 < metrics["force_mae"] <= metrics["force_rmse"]
+
+
+def _labelled(atoms, path):
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((len(atoms), 3)))
+    write(path, atoms, format="extxyz")
+
+
+def test_unknown_element_is_a_clear_error(small_run, tmp_path, capsys):
+    from ase.build import molecule
+
+    out, _ = small_run
+    _labelled(molecule("CH3Cl"), tmp_path / "cl.extxyz")
+    assert main(["evaluate", str(out / "m"), str(tmp_path / "cl.extxyz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "element Cl" in err and "unknown to the model" in err
+    assert "\n" not in err
+
+
+def test_broken_file_and_nan_coordinates(small_run, tmp_path, capsys):
+    out, _ = small_run
+    broken = tmp_path / "broken.extxyz"
+    broken.write_text("9\nProperties=species:S:1:pos:R:3 energy=1\nC 0 0\n")
+    assert main(["evaluate", str(out / "m"), str(broken)]) == 2
+    assert "cannot parse structure file" in capsys.readouterr().err
+    from ase.build import molecule
+
+    atoms = molecule("CH3CH2OH")
+    atoms.positions[4, 1] = np.nan
+    _labelled(atoms, tmp_path / "nan.extxyz")
+    assert main(["evaluate", str(out / "m"), str(tmp_path / "nan.extxyz")]) == 2
+    assert "non-finite coordinates for atom 4" in capsys.readouterr().err
+
+
+def test_config_with_unknown_key_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epochs: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlforce.cli", "train", str(bad)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {bad}: training.epochs: unknown key"

@@ -1,0 +1,131 @@
+"""Node-feature dropout and DropEdge: explicit switch, seeded masks, rates, pair symmetry."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase.build import bulk, make_supercell, molecule
+
+from mlforce.graph import atoms_to_graph, batch_graphs
+from mlforce.nn.dropout import DropoutKeys, edge_pair_hash, edge_weights, node_dropout
+from mlforce.nn.painn import PaiNNMessage, _Context
+from tests.conftest import make_model
+
+
+def _graph(atoms, model):
+    return batch_graphs([atoms_to_graph(atoms, model.species, model.cutoff, torch.float64)])
+
+
+def test_switch_off_is_deterministic_even_in_training_mode(ethanol):
+    model = make_model(node=0.3, edge=0.3, readout=0.3)
+    model.train()  # must not switch dropout on by itself
+    g = _graph(ethanol, model)
+    with torch.no_grad():
+        assert torch.equal(model(g), model(g))
+        model.eval()
+        assert torch.equal(model(g), model(g))
+
+
+def test_same_seed_same_masks_different_seed_different(ethanol):
+    model = make_model(node=0.2, edge=0.2)
+    g = _graph(ethanol, model)
+    with torch.no_grad():
+        e_off = model(g)
+        a = model(g, dropout=DropoutKeys(torch.tensor([7])))
+        b = model(g, dropout=DropoutKeys(torch.tensor([7])))
+        c = model(g, dropout=DropoutKeys(torch.tensor([8])))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, e_off)
+    gen1, gen2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    k1 = DropoutKeys.from_generator(4, gen1).graph_keys
+    k2 = DropoutKeys.from_generator(4, gen2).graph_keys
+    assert torch.equal(k1, k2) and len(set(k1.tolist())) == 4
+
+
+def test_node_drop_fraction_matches_rate():
+    n, f, rate = 4000, 64, 0.1
+    x = torch.ones(n, f, dtype=torch.float64)
+    batch = torch.arange(n) // 100  # 40 graphs of 100 atoms
+    local = torch.arange(n) % 100
+    keys = DropoutKeys(torch.arange(40) * 7919 + 11)
+    y = node_dropout(x, rate, keys, batch, local, site=3)
+    dropped = float((y == 0).double().mean())
+    sigma = np.sqrt(rate * (1 - rate) / (n * f))
+    assert abs(dropped - rate) < 5 * sigma
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - rate)))
+
+
+def _copper_graph(model):
+    atoms = make_supercell(bulk("Cu", "fcc", a=3.6), np.diag([2, 2, 2]))
+    atoms.rattle(0.05, seed=0)
+    return _graph(atoms, model)
+
+
+def test_dropedge_rate_and_both_directions_together():
+    model = make_model(cutoff=4.5)
+    rate = 0.3
+    for g in (_graph(molecule("C6H6"), model), _copper_graph(model)):
+        keys = DropoutKeys(torch.tensor([424242]))
+        w = edge_weights(rate, keys, g.edge_index, g.batch, g.local_atom, g.cell_shift, 5,
+                         torch.float64)  # fmt: skip
+        src, dst = g.edge_index
+        shift = g.cell_shift.round().long()
+        # the reverse of edge (j -> i, S) is (i -> j, -S)
+        lookup = {
+            (int(s), int(d), *map(int, sh)): e for e, (s, d, sh) in enumerate(zip(src, dst, shift))
+        }
+        reverse = torch.tensor(
+            [lookup[(int(d), int(s), *map(int, -sh))] for s, d, sh in zip(src, dst, shift)]
+        )
+        assert torch.equal(w, w[reverse])
+        h = edge_pair_hash(keys, g.edge_index, g.batch, g.local_atom, g.cell_shift, 5)
+        assert torch.equal(h, h[reverse])
+    # statistics over many pairs: fraction of dropped pairs matches the rate
+    g = _copper_graph(model)
+    fractions = []
+    for key in range(40):
+        w = edge_weights(rate, DropoutKeys(torch.tensor([key])), g.edge_index, g.batch,
+                         g.local_atom, g.cell_shift, 5, torch.float64)  # fmt: skip
+        fractions.append(float((w == 0).double().mean()))
+    n_pairs = 40 * g.edge_index.shape[1] / 2
+    sigma = np.sqrt(rate * (1 - rate) / n_pairs)
+    assert abs(np.mean(fractions) - rate) < 5 * sigma
+
+
+def test_dropped_edge_contributes_nothing(ethanol):
+    torch.manual_seed(0)
+    model = make_model(features=8, edge=0.4)
+    g = _graph(ethanol, model)
+    msg = PaiNNMessage(8, 8).double()
+    n = g.pos.shape[0]
+    s = torch.randn(n, 8, dtype=torch.float64)
+    v = torch.randn(n, 3, 8, dtype=torch.float64)
+    vec = g.pos[g.edge_index[0]] - g.pos[g.edge_index[1]]
+    dist = vec.norm(dim=1)
+    basis, env, unit = model.basis(dist), model.envelope(dist), vec / dist[:, None]
+    keys = DropoutKeys(torch.tensor([99]))
+    w = edge_weights(0.4, keys, g.edge_index, g.batch, g.local_atom, g.cell_shift, 5,
+                     torch.float64)  # fmt: skip
+    assert (w == 0).any() and (w > 0).any()
+    ctx = _Context(None, g.batch, g.local_atom)
+    full = msg(s, v, g.edge_index, basis, env, unit, w, ctx, 0.0, 0)
+    keep = w > 0
+    sub = msg(s, v, g.edge_index[:, keep], basis[keep], env[keep], unit[keep], w[keep], ctx,
+              0.0, 0)  # fmt: skip
+    assert torch.allclose(full[0], sub[0], atol=1e-12)
+    assert torch.allclose(full[1], sub[1], atol=1e-12)
+
+
+def test_masks_do_not_leak_across_graphs(ethanol):
+    model = make_model(node=0.2, edge=0.2, readout=0.1)
+    other = molecule("H2O")
+    third = ethanol.copy()
+    third.rattle(0.1, seed=1)
+    with torch.no_grad():
+        alone = model(_graph(ethanol, model), dropout=DropoutKeys(torch.tensor([31])))
+        g2 = batch_graphs([atoms_to_graph(a, model.species, model.cutoff, torch.float64)
+                           for a in (other, ethanol, third)])  # fmt: skip
+        together = model(g2, dropout=DropoutKeys(torch.tensor([5, 31, 77])))
+    assert torch.allclose(together[1], alone[0], atol=1e-12, rtol=0)
