@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check mlforce flows tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # Reference data (GFN2-xTB Langevin MD of ethanol) into the git-ignored datasets/ folder.
@@ -31,12 +31,12 @@ demo: $(STAMP)
 	$(VENV)/bin/mlforce demo $(CONFIG)
 
 lint: $(STAMP)
-	$(PY) -m ruff check mlforce flows tests benchmarks
-	$(PY) -m ruff format --check mlforce flows tests benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: $(STAMP)
-	$(PY) -m ruff format mlforce flows tests benchmarks
-	$(PY) -m ruff check --fix mlforce flows tests benchmarks
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

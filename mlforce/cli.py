@@ -75,28 +75,48 @@ def run_training(config_path: str, data: list[str] | None, out: str, overrides: 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    metrics = run_training(args.config, args.data, args.out, _parse_overrides(args.set))
+    overrides = _parse_overrides(args.set)
+    if args.ensemble is not None:
+        overrides["training.ensemble"] = args.ensemble
+    metrics = run_training(args.config, args.data, args.out, overrides)
     if args.json:
         print(json.dumps(metrics))
     return 0
 
 
-def run_evaluation(checkpoint: str, data: str) -> dict:
-    """Deterministic-model metrics of a checkpoint on a labelled structure file."""
+def run_evaluation(
+    checkpoint: str, data: str, mc_samples: int | None = None, seed: int | None = None
+) -> dict:
+    """Metrics of a checkpoint on a labelled structure file.
+
+    Always: the deterministic model's errors (a committee's mean). With ``mc_samples`` (or a
+    committee checkpoint) also the uncertainty quality: ``spearman_max_force``,
+    ``auroc_top10``, ``miscalibration_area`` (calibrated) and ``mean_max_force_std``.
+    """
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames, read_labelled
-    from mlforce.evaluate import evaluate_graphs
+    from mlforce.evaluate import evaluate_graphs, uncertainty_metrics
+    from mlforce.uncertainty import predict_dataset
 
     ckpt = load_checkpoint(checkpoint)
     frames = read_labelled(data)
-    model = ckpt.model
-    dtype = next(model.parameters()).dtype
+    dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, with_labels=True)
-    return evaluate_graphs(model, graphs)
+    if mc_samples is None and not ckpt.is_ensemble:
+        return evaluate_graphs(ckpt.model, graphs)
+    if mc_samples is not None and mc_samples < 2 and not ckpt.is_ensemble:
+        raise MlforceError(f"--mc-samples must be at least 2 for an uncertainty, got {mc_samples}")
+    if not ckpt.is_ensemble and not ckpt.model.has_dropout:
+        raise MlforceError(f"{ckpt.path}: the model has no dropout, so MC sampling gives no spread")
+    seed = 0 if seed is None else seed
+    pred = predict_dataset(ckpt.models, graphs, mc_samples or 16, seed)
+    metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
+    metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"
+    return metrics
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    metrics = run_evaluation(args.checkpoint, args.data)
+    metrics = run_evaluation(args.checkpoint, args.data, args.mc_samples, args.seed)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -104,6 +124,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"energy MAE           {1000 * metrics['energy_mae_per_atom']:.3f} meV/atom")
     print(f"force MAE            {metrics['force_mae']:.4f} eV/Å")
     print(f"force RMSE           {metrics['force_rmse']:.4f} eV/Å")
+    if "spearman_max_force" in metrics:
+        print(f"uncertainty          {metrics['uncertainty']} ({metrics['calibration']})")
+        print(f"Spearman max force   {metrics['spearman_max_force']:.3f}")
+        print(f"AUROC top 10%        {metrics['auroc_top10']:.3f}")
+        print(f"miscalibration area  {metrics['miscalibration_area']:.3f}")
+        print(f"mean max_force_std   {metrics['mean_max_force_std']:.4f} eV/Å (calibrated)")
     return 0
 
 
@@ -153,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="extxyz files (default: data.train of the config)")
     p.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument(
+        "--ensemble", type=int, metavar="K",
+        help="train a committee of K models (seeds differ); same as --set training.ensemble=K",
+    )  # fmt: skip
     add_set(p)
     p.set_defaults(func=cmd_train)
 
@@ -160,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model.pt or the directory that holds it")
     p.add_argument("data", help="extxyz file with reference energy and forces")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--mc-samples", type=int, metavar="T",
+        help="MC-dropout samples: adds uncertainty-quality metrics (committees: always)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, help="seed of the MC dropout masks (default 0)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate data if missing, train and evaluate")

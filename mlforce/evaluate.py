@@ -63,3 +63,42 @@ def evaluate_graphs(model: ForceField, graphs: Sequence[Data], batch_size: int =
     e_ref = np.array([float(g.energy_ref[0]) for g in graphs])
     f_ref = [g.forces_ref.cpu().numpy().astype(np.float64) for g in graphs]
     return force_metrics(energy, forces, e_ref, f_ref)
+
+
+def uncertainty_metrics(
+    pred: Any, graphs: Sequence[Data], calibration: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Errors of ``pred`` (a :class:`mlforce.uncertainty.DatasetPrediction`) and UQ quality.
+
+    ``spearman_max_force``: rank correlation over structures of ``max_force_std`` with the true
+    max per-atom force error (norm of the error vector); ``auroc_top10``: ROC-AUC of
+    ``max_force_std`` for the 10% of structures with the largest true error;
+    ``miscalibration_area``: per force component, with calibrated component stds.
+    """
+    from mlforce.metrics import auroc_top_fraction, miscalibration_area, spearman
+    from mlforce.uncertainty import calibration_factors
+
+    calibration = calibration or {"method": "none"}
+    e_ref = np.array([float(g.energy_ref[0]) for g in graphs])
+    f_ref = [g.forces_ref.cpu().numpy().astype(np.float64) for g in graphs]
+    metrics = force_metrics(pred.energy, pred.forces, e_ref, f_ref)
+    mean_metrics = force_metrics(pred.energy, pred.forces_mean, e_ref, f_ref)
+    true_max = np.array([np.linalg.norm(f - r, axis=1).max() for f, r in zip(pred.forces, f_ref)])
+    max_std = pred.max_force_std(calibration)
+    errors = np.concatenate([f - r for f, r in zip(pred.forces, f_ref)])
+    factors = np.concatenate(
+        [calibration_factors(calibration, torch.as_tensor(z)).numpy() for z in pred.numbers]
+    )
+    std_cal = np.concatenate(pred.forces_std_xyz) * factors[:, None]
+    metrics.update(
+        force_mae_mc_mean=mean_metrics["force_mae"],
+        spearman_max_force=spearman(max_std, true_max),
+        auroc_top10=auroc_top_fraction(max_std, true_max, 0.1),
+        miscalibration_area=miscalibration_area(errors, std_cal),
+        miscalibration_area_raw=miscalibration_area(errors, np.concatenate(pred.forces_std_xyz)),
+        mean_max_force_std=float(np.mean(max_std)),
+        mean_true_max_force_error=float(np.mean(true_max)),
+        calibration=calibration.get("method", "none"),
+        inference_ms_per_structure=1000 * pred.seconds / max(len(graphs), 1),
+    )
+    return metrics

@@ -145,3 +145,15 @@ def test_stress_matches_finite_differences(copper):
     analytic = compute_forces(model, g, create_graph=False, compute_stress=True)["stress"][0]
     assert np.abs(numeric).max() > 1e-4
     assert np.abs(analytic.numpy() - numeric).max() <= 1e-7
+
+
+def test_batch_graphs_matches_pyg_collation(ethanol, copper):
+    from torch_geometric.data import Batch
+
+    model = make_model(cutoff=4.5)
+    graphs = [atoms_to_graph(a, model.species, model.cutoff) for a in (ethanol, copper, ethanol)]
+    ours, pyg = batch_graphs(graphs), Batch.from_data_list(graphs)
+    for key in ("pos", "species", "numbers", "local_atom", "edge_index", "cell_shift", "cell",
+                "pbc", "batch"):  # fmt: skip
+        assert torch.equal(getattr(ours, key), getattr(pyg, key)), key
+    assert ours.num_graphs == pyg.num_graphs == 3

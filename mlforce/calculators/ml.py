@@ -8,7 +8,8 @@ One ``calculate()`` fills every property in ``implemented_properties``:
 * ``energy_std`` (eV), ``forces_std`` (n,) eV/Å per atom (norm of the 3-component std over
   samples), ``max_force_std`` (eV/Å, max over atoms): **calibrated** with the checkpoint's
   calibration (an expected error) unless ``calibrated=False``;
-* ``max_force_std_raw`` (eV/Å) and ``forces_samples`` (T, n, 3): the raw samples' statistics.
+* ``max_force_std_raw`` (eV/Å), ``energy_samples`` (T,) eV and ``forces_samples`` (T, n, 3)
+  eV/Å: the raw MC (or committee) samples behind the statistics.
 
 The MC samples use fixed dropout keys (``seed``), so the uncertainty is a smooth, reproducible
 function of the geometry: the same structure always gets the same σ.
@@ -48,6 +49,8 @@ class MLForceCalculator(Calculator):
         keys.FORCES_STD,
         keys.MAX_FORCE_STD,
         "max_force_std_raw",
+        keys.ENERGY_SAMPLES,
+        keys.FORCES_SAMPLES,
     ]
 
     def __init__(
@@ -100,7 +103,7 @@ class MLForceCalculator(Calculator):
         pred: Prediction | None = None
         if ckpt.is_ensemble:
             pred = committee_predict(ckpt.models, graph, compute_stress=periodic)
-        elif self.uncertainty:
+        elif self.uncertainty and ckpt.model.has_dropout:  # without dropout σ is exactly 0
             pred = mc_predict(ckpt.model, graph, self.mc_samples, self.seed, periodic)
         if pred is None:
             out = compute_forces(ckpt.model, graph, create_graph=False, compute_stress=periodic)
@@ -127,6 +130,7 @@ class MLForceCalculator(Calculator):
                 r[keys.FORCES_STD] = stats[keys.FORCES_STD][lo:hi].cpu().numpy().astype(np.float64)
                 r[keys.MAX_FORCE_STD] = float(stats[keys.MAX_FORCE_STD][b])
                 r["max_force_std_raw"] = float(pred.max_force_std[b])
+                r[keys.ENERGY_SAMPLES] = pred.energy_samples[:, b].cpu().numpy()
                 r[keys.FORCES_SAMPLES] = pred.forces_samples[:, lo:hi].cpu().numpy()
             else:
                 r[keys.ENERGY_STD] = 0.0

@@ -1,0 +1,136 @@
+"""The ASE calculator: forces, batched MC-dropout uncertainty, walkers, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import molecule
+from ase.calculators.fd import calculate_numerical_forces
+from ase.calculators.test import gradient_test
+from ase.md.langevin import Langevin
+from ase.optimize import BFGS
+
+from mlforce.calculators.ml import MLForceCalculator
+from mlforce.checkpoint import save_checkpoint
+from mlforce.errors import CheckpointError, ConfigError, StructureError
+from mlforce.forces import compute_forces
+from mlforce.graph import atoms_to_graph, batch_graphs
+from mlforce.nn.dropout import DropoutKeys
+from mlforce.uncertainty import mc_predict
+from tests.conftest import make_model
+
+
+@pytest.fixture
+def dropout_ckpt(tmp_path):
+    model = make_model(node=0.15, edge=0.15, readout=0.1, cutoff=4.5)
+    return save_checkpoint(tmp_path / "m", model, calibration={"method": "scale", "scale": 1.7})
+
+
+def test_forces_match_finite_differences(dropout_ckpt, ethanol):
+    ethanol.calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=4)
+    analytic, _ = gradient_test(ethanol)
+    numeric = calculate_numerical_forces(ethanol, eps=1e-5)
+    assert np.abs(analytic).max() > 1e-3
+    assert np.abs(analytic - numeric).max() <= 1e-6
+    # the MC mean option is a conservative field too (fixed masks)
+    ethanol.calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=4, prediction="mc_mean")
+    mean = ethanol.get_forces()
+    assert np.abs(mean - calculate_numerical_forces(ethanol, eps=1e-5)).max() <= 1e-6
+    assert np.abs(mean - analytic).max() > 1e-6
+
+
+def test_every_property_in_one_call(dropout_ckpt, ethanol):
+    calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8)
+    ethanol.calc = calc
+    ethanol.get_forces()
+    for key in ("energy", "forces", "energy_std", "forces_std", "max_force_std"):
+        assert key in calc.results and key in calc.implemented_properties
+    assert calc.results["forces_std"].shape == (len(ethanol),)
+    assert calc.results["max_force_std"] == pytest.approx(calc.results["forces_std"].max())
+    assert calc.results["max_force_std"] > 0
+
+
+def test_std_is_numpy_std_of_the_samples_and_calibrated(dropout_ckpt, ethanol):
+    raw = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=6, calibrated=False)
+    cal = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=6)
+    r = raw.predict([ethanol])[0]
+    samples = r["forces_samples"]
+    assert samples.shape == (6, len(ethanol), 3)
+    expected = np.linalg.norm(np.std(samples, axis=0), axis=1)
+    assert np.allclose(r["forces_std"], expected, atol=1e-12)
+    assert r["energy_std"] == pytest.approx(np.std(r["energy_samples"]), abs=1e-12)
+    c = cal.predict([ethanol])[0]
+    assert np.allclose(c["forces_std"], 1.7 * expected, atol=1e-12)
+    assert c["max_force_std_raw"] == pytest.approx(r["max_force_std"])
+
+
+def test_zero_dropout_gives_zero_std(tmp_path, ethanol):
+    path = save_checkpoint(tmp_path / "m", make_model(node=0.0, edge=0.0))
+    r = MLForceCalculator(path, device="cpu", mc_samples=4).predict([ethanol])[0]
+    assert np.all(r["forces_std"] == 0.0) and r["max_force_std"] == 0.0
+
+
+def test_same_seed_same_uncertainty(dropout_ckpt, ethanol):
+    a = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8, seed=3).predict([ethanol])
+    b = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8, seed=3).predict([ethanol])
+    c = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8, seed=4).predict([ethanol])
+    assert np.array_equal(a[0]["forces_std"], b[0]["forces_std"])
+    assert not np.allclose(a[0]["forces_std"], c[0]["forces_std"])
+
+
+def test_batched_mc_equals_looped_mc(ethanol):
+    model = make_model(node=0.2, edge=0.2, readout=0.1)
+    g = batch_graphs([atoms_to_graph(ethanol, model.species, model.cutoff, torch.float64)])
+    pred = mc_predict(model, g, n_samples=5, seed=11)
+    keys = DropoutKeys.for_samples(11, 5, 1).graph_keys
+    for t in range(5):
+        out = compute_forces(model, g, create_graph=False, dropout=DropoutKeys(keys[t : t + 1]))
+        assert torch.allclose(pred.forces_samples[t], out["forces"], atol=1e-12, rtol=0)
+        assert torch.allclose(pred.energy_samples[t], out["energy"], atol=1e-10, rtol=0)
+    det = compute_forces(model, g, create_graph=False)
+    assert torch.allclose(pred.forces, det["forces"], atol=1e-12, rtol=0)
+
+
+def test_walkers_batched_equal_one_by_one(dropout_ckpt, ethanol):
+    calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8)
+    walkers = [ethanol.copy() for _ in range(3)] + [molecule("H2O")]
+    for k, w in enumerate(walkers):
+        w.rattle(0.05, seed=k)
+    together = calc.predict(walkers)
+    for w, r in zip(walkers, together):
+        alone = calc.predict([w])[0]
+        for key in ("forces", "forces_std"):
+            assert np.allclose(r[key], alone[key], atol=1e-10, rtol=0)
+        for key in ("energy", "max_force_std", "energy_std"):
+            assert r[key] == pytest.approx(alone[key], abs=1e-9)
+
+
+def test_periodic_stress_dynamics_and_optimizer(dropout_ckpt, copper):
+    atoms = copper.repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=4)
+    assert atoms.get_stress().shape == (6,)
+    dyn = Langevin(atoms, 1 * units.fs, temperature_K=300, friction=0.02 / units.fs,
+                   rng=np.random.default_rng(0), fixcm=False)  # fmt: skip
+    dyn.run(5)
+    assert np.isfinite(atoms.calc.results["max_force_std"])
+    mol = molecule("CH3CH2OH")
+    mol.calc = MLForceCalculator(dropout_ckpt, device="cpu", uncertainty=False)
+    f0 = np.abs(mol.get_forces()).max()
+    BFGS(mol, logfile=None).run(fmax=1e-3, steps=20)
+    assert np.abs(mol.get_forces()).max() < f0
+
+
+def test_bad_input(dropout_ckpt, tmp_path):
+    calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=4)
+    with pytest.raises(StructureError, match="element Cl"):
+        calc.predict([molecule("CH3Cl")])
+    with pytest.raises(ConfigError, match="mc_samples >= 2"):
+        MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=1)
+    payload = torch.load(dropout_ckpt, weights_only=True)
+    payload["format_version"] = 0
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="incompatible"):
+        MLForceCalculator(tmp_path / "old.pt")
