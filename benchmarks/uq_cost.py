@@ -84,19 +84,16 @@ def main() -> None:
             c = calc(mc_samples=t)
             row[f"mc{t}_batched_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
 
-        model = ckpt.model
-        graph = det._graph(structures)
         n_graphs = len(structures)
         keys16 = DropoutKeys.for_samples(0, 16, n_graphs, device).graph_keys
 
-        def loop16(g=det, structs=structures, n=n_graphs, keys=keys16):
+        def loop16(g=det, structs=structures, n=n_graphs, keys=keys16, model=ckpt.model):
             graph = g._graph(structs)
             compute_forces(model, graph, create_graph=False)
             for t in range(16):
                 k = DropoutKeys(keys[t * n : (t + 1) * n])
                 compute_forces(model, graph, create_graph=False, dropout=k)
 
-        del graph
         row["mc16_loop_ms"] = median_ms(loop16, max(3, repeats // 2))
         d = row["deterministic_ms"]
         row["mc16_batched_over_deterministic"] = row["mc16_batched_ms"] / d
