@@ -133,6 +133,77 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_md(args: argparse.Namespace) -> int:
+    """Uncertainty-driven MD of one walker; labels go to --store with the reference."""
+    from mlforce.calculators.ml import MLForceCalculator
+    from mlforce.checkpoint import checkpoint_hash
+    from mlforce.config import Config, config_from_dict, read_config_dict
+    from mlforce.md import load_start_structure, run_walker
+    from mlforce.store import LabelStore
+
+    data = read_config_dict(args.config) if args.config else {}
+    overrides = _parse_overrides(args.set)
+    flags = {
+        "md.temperatures": [args.temperature] if args.temperature is not None else None,
+        "md.steps": args.steps,
+        "md.seed": args.seed,
+        "md.thermostat": args.thermostat,
+        "md.timestep_fs": args.timestep,
+        "md.triggers.lower": args.lower,
+        "md.triggers.upper": args.upper,
+        "md.triggers.mode": args.mode,
+        "md.triggers.check_every": args.check_every,
+        "reference.kind": args.reference,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    from mlforce.config import apply_overrides
+
+    config: Config = config_from_dict(
+        apply_overrides(data, overrides), source=args.config or "command line"
+    )
+    md = config.md
+    if args.store:
+        parent = Path(args.store).resolve().parent
+        if not parent.is_dir():
+            raise MlforceError(f"--store {args.store}: directory {parent} does not exist")
+    calc = MLForceCalculator(
+        args.checkpoint,
+        device=config.device,
+        mc_samples=config.uncertainty.mc_samples,
+        seed=config.uncertainty.seed,
+        prediction=config.uncertainty.prediction,
+    )
+    atoms = load_start_structure(args.structure)
+    store = LabelStore(args.store) if args.store else None
+    summary = run_walker(
+        calc,
+        atoms,
+        md.temperatures[0],
+        md,
+        seed=md.seed,
+        store=store,
+        reference=config.reference if store is not None else None,
+        model_hash="m-" + checkpoint_hash(args.checkpoint),
+        trajectory=args.trajectory,
+        progress=sys.stderr.isatty() and not args.json,
+        log=_log,
+    )
+    if args.json:
+        out = summary.to_dict()
+        out["labels_by_trigger"] = out.pop("labels")
+        out["labels"] = summary.n_labels
+        print(json.dumps(out))
+    else:
+        print(
+            f"{summary.steps} steps ({summary.simulated_fs / 1000:.2f} ps), "
+            f"labels {summary.labels or 0}, failed {summary.failed_labels}, "
+            f"candidates {summary.candidates}, triggers/ps {summary.triggers_per_ps:.2f}, "
+            f"rollbacks {summary.rollbacks}, stop: {summary.stop_reason}; "
+            f"model {summary.model_seconds:.1f} s, reference {summary.reference_seconds:.1f} s"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate data if missing, train, and evaluate on the test sets of the config."""
     from mlforce.config import load_config
@@ -196,6 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--seed", type=int, help="seed of the MC dropout masks (default 0)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("md", help="uncertainty-driven MD with reference labels when unsure")
+    p.add_argument("checkpoint", help="model.pt or the directory that holds it")
+    p.add_argument("--structure", required=True, help="starting structure (any ASE format)")
+    p.add_argument("--temperature", type=float, help="K (default: md.temperatures[0])")
+    p.add_argument("--steps", type=int, help="MD steps (default: md.steps)")
+    p.add_argument("--timestep", type=float, help="fs (default 0.5)")
+    p.add_argument("--thermostat", choices=["langevin", "nve", "berendsen"])
+    p.add_argument("--config", help="YAML config for md/reference/uncertainty settings")
+    p.add_argument("--reference", choices=["xtb", "pyscf", "emt", "ase"], help="reference kind")
+    p.add_argument("--store", help="label ledger (ASE db); without it nothing is labelled")
+    p.add_argument("--lower", type=float, help="label threshold σ (eV/Å)")
+    p.add_argument("--upper", type=float, help="rollback threshold σ (eV/Å)")
+    p.add_argument("--mode", choices=["on_the_fly", "collect"])
+    p.add_argument("--check-every", type=int, help="steps between uncertainty checks")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--trajectory", help="extxyz trajectory with σ and decisions per frame")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_set(p)
+    p.set_defaults(func=cmd_md)
 
     p = sub.add_parser("demo", help="generate data if missing, train and evaluate")
     p.add_argument("config", nargs="?", default="configs/ethanol_xtb.yaml")

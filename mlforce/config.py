@@ -60,6 +60,13 @@ class TrainingConfig(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(60, ge=1, description="early stopping: epochs without improvement")
     ema_decay: float | None = Field(0.99, ge=0, lt=1, description="EMA of weights (None: off)")
+    deterministic_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of each batch's structures trained with dropout off, so the "
+        "dropout-free model used in MD is fit directly, not only the stochastic samples",
+    )
     ensemble: int = Field(1, ge=1, description="train a committee of N models (seeds differ)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores)")
 
@@ -148,6 +155,79 @@ class UncertaintyConfig(Strict):
     calibration: Literal["none", "scale", "per_element"] = "scale"
 
 
+class TriggerConfig(Strict):
+    """When the model's uncertainty asks for the reference (see :mod:`mlforce.selection`)."""
+
+    threshold: Literal["absolute", "calibrated", "adaptive"] = Field(
+        "calibrated",
+        description="absolute: raw max_force_std vs lower/upper; calibrated: calibrated "
+        "max_force_std (an expected max force error); adaptive: lower follows a percentile "
+        "of recent calibrated values (never below `lower`)",
+    )
+    lower: float = Field(0.3, gt=0, description="label at or above this σ (eV/Å)")
+    upper: float = Field(2.0, gt=0, description="roll back at or above this σ (eV/Å)")
+    adaptive_percentile: float = Field(99.0, gt=0, le=100)
+    adaptive_factor: float = Field(1.2, gt=0, description="lower = factor x percentile")
+    adaptive_window: int = Field(200, ge=10, description="recent checks for the percentile")
+    check_every: int = Field(1, ge=1, description="MD steps between uncertainty checks")
+    min_gap: int = Field(20, ge=0, description="minimum MD steps between two labels")
+    label_budget: int = Field(50, ge=0, description="reference calls per walker, at most")
+    audit_probability: float = Field(
+        0.0, ge=0, le=1, description="chance that a trusted checked frame is labelled anyway"
+    )
+    mode: Literal["on_the_fly", "collect"] = Field(
+        "on_the_fly",
+        description="on_the_fly: label at once and continue with the reference forces; "
+        "collect: keep the frame as a candidate and continue with the model",
+    )
+    on_upper: Literal["stop", "restart"] = Field(
+        "restart", description="after a rollback: end the walker or continue with new velocities"
+    )
+    label_on_upper: bool = Field(True, description="label the frame that crossed `upper`")
+    rollback_buffer: int = Field(10, ge=1, description="trusted snapshots kept for rollback")
+    max_restarts: int = Field(3, ge=0, description="rollbacks before the walker ends")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TriggerConfig:
+        if self.lower > self.upper:
+            raise ValueError(f"lower ({self.lower}) must not exceed upper ({self.upper})")
+        return self
+
+
+class GuardConfig(Strict):
+    """Physical guards: a walker that trips one is rolled back or ended, never labelled blindly."""
+
+    min_distance: float = Field(0.5, gt=0, description="closest allowed interatomic distance (Å)")
+    max_force: float = Field(20.0, gt=0, description="largest allowed atomic force (eV/Å)")
+    max_temperature_factor: float = Field(
+        5.0, gt=1, description="instantaneous T above factor x target trips the guard"
+    )
+    label_guard_frames: bool = Field(False, description="label frames that tripped a guard")
+
+
+class MDConfig(Strict):
+    """Uncertainty-driven molecular dynamics (one walker per structure x temperature)."""
+
+    structures: list[str] = Field(default_factory=lambda: ["data/ethanol.xyz"])
+    temperatures: list[float] = Field(default_factory=lambda: [300.0], description="K")
+    steps: int = Field(2000, ge=1, description="MD steps per walker")
+    timestep_fs: float = Field(0.5, gt=0)
+    thermostat: Literal["langevin", "nve", "berendsen"] = "langevin"
+    friction: float = Field(0.01, gt=0, description="Langevin friction (1/fs)")
+    taut_fs: float = Field(100.0, gt=0, description="Berendsen time constant (fs)")
+    seed: int = 0
+    trajectory_every: int = Field(10, ge=1, description="MD steps between trajectory frames")
+    triggers: TriggerConfig = Field(default_factory=TriggerConfig)
+    guards: GuardConfig = Field(default_factory=GuardConfig)
+
+    @model_validator(mode="after")
+    def _positive_temperatures(self) -> MDConfig:
+        for t in self.temperatures:
+            if t <= 0:
+                raise ValueError(f"temperatures must be > 0 K, got {t}")
+        return self
+
+
 class Config(Strict):
     """A whole mlforce job."""
 
@@ -158,6 +238,7 @@ class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    md: MDConfig = Field(default_factory=MDConfig)
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

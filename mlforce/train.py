@@ -130,7 +130,7 @@ def train_member(
             idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             batch = batch_graphs([train_graphs[i] for i in idx]).to(device)
             dropout = (
-                DropoutKeys.from_generator(batch.num_graphs, gen, device)
+                DropoutKeys.from_generator(batch.num_graphs, gen, device, t.deterministic_fraction)
                 if model.has_dropout
                 else None
             )
@@ -178,6 +178,7 @@ def train_member(
     model.load_state_dict(best_state)
     model.eval()
     refit_energy_shift(model, train_graphs)
+    best = {**evaluate_graphs(model, val_device), "epoch": best["epoch"]}
     seconds = time.perf_counter() - start
     log(
         f"{label}done: {stop_reason} after {len(history)} epochs, {seconds:.0f} s; best val "

@@ -72,11 +72,21 @@ class DropoutKeys:
 
     @classmethod
     def from_generator(
-        cls, n_graphs: int, generator: torch.Generator, device: torch.device | str = "cpu"
+        cls,
+        n_graphs: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        off_fraction: float = 0.0,
     ) -> DropoutKeys:
-        """Fresh independent keys (training): drawn from a seeded ``torch.Generator``."""
+        """Fresh independent keys (training): drawn from a seeded ``torch.Generator``.
+
+        ``off_fraction``: each graph independently runs without dropout with this probability.
+        """
         keys = torch.randint(0, 2**31 - 1, (n_graphs,), generator=generator, dtype=torch.long)
-        return cls(keys.to(device))
+        active = None
+        if off_fraction > 0:
+            active = (torch.rand(n_graphs, generator=generator) >= off_fraction).to(device)
+        return cls(keys.to(device), active)
 
     @classmethod
     def for_samples(

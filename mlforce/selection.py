@@ -1,0 +1,135 @@
+"""Pure decision functions: thresholds, trust/label/rollback, physical guards, diversity.
+
+Nothing here touches files, models or calculators; :mod:`mlforce.md` and the flow feed these
+functions numbers and act on the answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from ase import Atoms, units
+
+from mlforce.config import GuardConfig, TriggerConfig
+
+Action = Literal["trust", "label", "candidate", "rollback", "skip"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one checked MD frame, and why."""
+
+    action: Action
+    trigger: str  # "uncertainty", "audit", "upper", "" (trusted), or "budget"/"gap" (skipped)
+    lower: float  # eV/Å, threshold in force used for this decision
+    upper: float  # eV/Å
+
+
+def thresholds(cfg: TriggerConfig, recent: Sequence[float]) -> tuple[float, float]:
+    """(lower, upper) in eV/Å. ``recent``: calibrated σ of the last checks (adaptive mode)."""
+    lower = cfg.lower
+    if cfg.threshold == "adaptive" and len(recent) >= 10:
+        window = np.asarray(recent[-cfg.adaptive_window :], dtype=float)
+        recent_level = float(np.percentile(window, cfg.adaptive_percentile))
+        lower = max(cfg.lower, cfg.adaptive_factor * recent_level)
+    return min(lower, cfg.upper), cfg.upper
+
+
+def decide(
+    sigma: float,
+    cfg: TriggerConfig,
+    lower: float,
+    upper: float,
+    step: int,
+    last_label_step: int | None,
+    labels_used: int,
+    audit_draw: float,
+) -> Decision:
+    """Trust, label (or keep as candidate), roll back, or skip a frame with uncertainty σ.
+
+    ``audit_draw`` is a uniform [0, 1) number from the walker's seeded generator: a trusted
+    frame is audited when it falls below ``cfg.audit_probability``.
+    """
+    if not np.isfinite(sigma) or sigma >= upper:
+        return Decision("rollback", "upper", lower, upper)
+    gap_ok = last_label_step is None or step - last_label_step >= cfg.min_gap
+    if sigma < lower:
+        if audit_draw < cfg.audit_probability and labels_used < cfg.label_budget and gap_ok:
+            return Decision("label", "audit", lower, upper)
+        return Decision("trust", "", lower, upper)
+    if labels_used >= cfg.label_budget:
+        return Decision("skip", "budget", lower, upper)
+    if not gap_ok:
+        return Decision("skip", "gap", lower, upper)
+    action: Action = "label" if cfg.mode == "on_the_fly" else "candidate"
+    return Decision(action, "uncertainty", lower, upper)
+
+
+def min_distance(atoms: Atoms) -> float:
+    """Shortest interatomic distance (Å), minimum image for periodic cells."""
+    if len(atoms) < 2:
+        return float("inf")
+    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    d[np.diag_indices_from(d)] = np.inf
+    return float(d.min())
+
+
+def guard_violation(
+    atoms: Atoms, forces: np.ndarray, target_temperature: float, cfg: GuardConfig
+) -> str | None:
+    """The name of the first physical guard a frame trips, or None.
+
+    Names: ``guard:non_finite``, ``guard:min_distance``, ``guard:max_force``,
+    ``guard:temperature``.
+    """
+    positions = atoms.get_positions()
+    if not (np.isfinite(positions).all() and np.isfinite(forces).all()):
+        return "guard:non_finite"
+    if min_distance(atoms) < cfg.min_distance:
+        return "guard:min_distance"
+    if float(np.linalg.norm(forces, axis=1).max()) > cfg.max_force:
+        return "guard:max_force"
+    temperature = atoms.get_kinetic_energy() / (1.5 * units.kB * len(atoms))
+    if temperature > cfg.max_temperature_factor * target_temperature:
+        return "guard:temperature"
+    return None
+
+
+def distance_descriptor(atoms: Atoms) -> np.ndarray:
+    """Sorted inverse interatomic distances (1/Å): invariant, cheap, for diversity choices."""
+    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    iu = np.triu_indices(len(atoms), 1)
+    return np.sort(1.0 / np.maximum(d[iu], 1e-3))
+
+
+def farthest_point_selection(
+    descriptors: Sequence[np.ndarray], scores: Sequence[float], budget: int
+) -> list[int]:
+    """Pick up to ``budget`` items: the highest score first, then farthest-point sampling.
+
+    Items with descriptors of different lengths (different molecules) are infinitely far
+    apart. Returns indices in the order chosen.
+    """
+    n = len(descriptors)
+    if n == 0 or budget <= 0:
+        return []
+    first = int(np.argmax(np.asarray(scores, dtype=float)))
+    chosen = [first]
+    nearest = np.array([_distance(descriptors[first], d) for d in descriptors])
+    while len(chosen) < min(budget, n):
+        nearest[chosen] = -1.0
+        nxt = int(np.argmax(nearest))
+        if nearest[nxt] <= 0:
+            break  # the rest are duplicates of chosen items
+        chosen.append(nxt)
+        nearest = np.minimum(nearest, [_distance(descriptors[nxt], d) for d in descriptors])
+    return chosen
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.linalg.norm(a - b))
