@@ -228,6 +228,48 @@ class MDConfig(Strict):
         return self
 
 
+class SeedConfig(Strict):
+    """The first round's labels, before any model exists."""
+
+    source: Literal["md", "rattle", "file"] = Field(
+        "md", description="md: frames of a short reference MD; rattle: randomly displaced "
+        "copies of the start structures; file: an extxyz with reference labels",
+    )  # fmt: skip
+    frames: int = Field(20, ge=2, description="seed frames per start structure")
+    temperature: float = Field(500.0, gt=0, description="seed MD temperature (K)")
+    interval: int = Field(20, ge=1, description="seed MD steps between frames")
+    rattle_std: float = Field(0.05, gt=0, description="rattle displacement std (Å)")
+    file: str | None = Field(None, description="labelled extxyz for source: file")
+
+
+class RunnerConfig(Strict):
+    """Where the flow's tasks run."""
+
+    kind: Literal["local", "dask"] = Field("local", description="local threads, or Dask")
+    workers: int = Field(2, ge=1, description="local threads / Dask worker processes")
+    address: str | None = Field(None, description="an existing Dask scheduler address")
+
+
+class ActiveLearningConfig(Strict):
+    """Rounds of train -> simulate -> select -> label, until converged."""
+
+    max_rounds: int = Field(6, ge=1)
+    seed: SeedConfig = Field(default_factory=SeedConfig)
+    labels_per_round: int = Field(30, ge=1, description="label budget of one round")
+    total_label_budget: int = Field(400, ge=1, description="stop when the ledger holds this many")
+    target_triggers_per_ps: float = Field(
+        2.0, ge=0, description="converged when the trigger rate stays below this"
+    )
+    converged_rounds: int = Field(2, ge=1, description="... for this many consecutive rounds")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="ledger validation split")
+    round_epochs: int | None = Field(
+        None, ge=1, description="training epochs after round 1 (warm start); None: training"
+    )
+    test_files: list[str] = Field(
+        default_factory=list, description="labelled extxyz files the final model is scored on"
+    )
+
+
 class Config(Strict):
     """A whole mlforce job."""
 
@@ -239,6 +281,8 @@ class Config(Strict):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
     md: MDConfig = Field(default_factory=MDConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

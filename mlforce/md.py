@@ -60,7 +60,7 @@ class WalkerSummary:
     restarts: int = 0
     guards: dict[str, int] = field(default_factory=dict)
     stop_reason: str = "completed"
-    triggers_per_ps: float = 0.0  # uncertainty triggers (labels + candidates) per ps
+    triggers_per_ps: float = 0.0  # uncertainty triggers (labels or candidates) per ps
     sigma_mean: float = 0.0
     sigma_max: float = 0.0
     model_seconds: float = 0.0
@@ -146,6 +146,7 @@ def run_walker(
     summary = WalkerSummary(walker=walker, temperature_K=temperature)
     labels: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
+    triggers: Counter[str] = Counter()  # labels asked for (label or candidate), by trigger
     guard_counts: Counter[str] = Counter()
     ring: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=cfg.rollback_buffer)
     ring.append((0, atoms.get_positions(), atoms.get_momenta()))
@@ -163,6 +164,7 @@ def run_walker(
     bar = _ProgressBar(steps, walker, progress, log)
 
     def do_label(frame: Atoms, forces: np.ndarray, trigger: str, d: Decision, sigma: float):
+        """Label now (on_the_fly) or keep as a candidate (collect); the reference forces or None."""
         nonlocal budget_used, last_label_step
         step = dyn.nsteps
         prov = {
@@ -172,6 +174,14 @@ def run_walker(
         }  # fmt: skip
         budget_used += 1
         last_label_step = step
+        triggers[trigger] += 1
+        if cfg.mode == "collect":
+            summary.candidates += 1
+            if candidates is not None:
+                frame.info.update(prov)
+                frame.arrays["model_forces"] = forces
+                candidates.append(frame)
+            return None
         if store is None or reference is None:
             return None
         result = label([frame], reference, store, prov, [forces], progress=False)
@@ -239,17 +249,7 @@ def run_walker(
                         calc.results["forces"] = ref_forces
                         ring.append((step, atoms.get_positions(), atoms.get_momenta()))
                 elif d.action == "candidate":
-                    budget_used += 1
-                    last_label_step = step
-                    summary.candidates += 1
-                    if candidates is not None:
-                        frame.info.update(
-                            walker=walker, md_step=step, time_fs=step * dt_fs,
-                            max_force_std=sigma, threshold=lower, iteration=iteration,
-                            trigger="uncertainty",
-                        )  # fmt: skip
-                        frame.arrays["model_forces"] = model_forces
-                        candidates.append(frame)
+                    do_label(frame, model_forces, d.trigger, d, sigma)
                 elif d.action == "skip":
                     skipped[d.trigger] += 1
                 elif d.action == "rollback":
@@ -274,8 +274,7 @@ def run_walker(
     summary.skipped = dict(skipped)
     summary.guards = dict(guard_counts)
     summary.model_seconds = max(0.0, elapsed - summary.reference_seconds)
-    triggered = labels.get("uncertainty", 0) + summary.candidates
-    summary.triggers_per_ps = triggered / max(summary.simulated_fs / 1000.0, 1e-9)
+    summary.triggers_per_ps = triggers["uncertainty"] / max(summary.simulated_fs / 1000.0, 1e-9)
     if sigmas:
         summary.sigma_mean = float(np.mean(sigmas))
         summary.sigma_max = float(np.max(sigmas))

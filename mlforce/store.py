@@ -22,6 +22,7 @@ import numbers
 import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
@@ -169,12 +170,19 @@ class LabelStore:
                 "ON text_key_values(value) WHERE key = 'structure_hash'"
             )
             if not db.metadata:
-                db.metadata = {"title": "mlforce label ledger"}  # shown by `ase db -w`
+                # title: shown by `ase db -w`; ledger_id: a new ledger at the same path is a
+                # different ledger (the flow's label cache keys on it)
+                db.metadata = {"title": "mlforce label ledger", "ledger_id": uuid.uuid4().hex}
 
     def _sql(self, query: str, params: tuple = ()) -> list[tuple]:
         """Read-only SQL on a plain connection (no write lock)."""
         with closing(sqlite3.connect(self.path, timeout=self.timeout_s)) as con:
             return con.execute(query, params).fetchall()
+
+    @property
+    def ledger_id(self) -> str:
+        """Random id written when the ledger was created."""
+        return str(self._reader().metadata.get("ledger_id", ""))
 
     def __len__(self) -> int:
         return self._sql("SELECT COUNT(*) FROM systems")[0][0]

@@ -13,6 +13,7 @@ import time
 import numpy as np
 from ase.calculators.calculator import all_changes
 from ase.calculators.emt import EMT
+from tblite.ase import TBLite
 
 
 class FlakyEMT(EMT):
@@ -38,3 +39,25 @@ class FlakyEMT(EMT):
             os._exit(3)  # as if the reference crashed hard (segfault, out of memory)
         else:
             time.sleep(self.sleep_s)
+
+
+class CountingXTB(TBLite):
+    """Real GFN2-xTB (tblite) that logs every call's structure hash to ``counter`` (a file).
+
+    With ``fail_percent`` it raises, every time, on that share of structures (chosen by hash),
+    so retries cannot rescue them: a reference that fails on some frames, deterministically.
+    """
+
+    def __init__(self, counter: str, fail_percent: float = 0.0, **kwargs) -> None:
+        super().__init__(method="GFN2-xTB", verbosity=0, **kwargs)
+        self.counter, self.fail_percent = counter, fail_percent
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        from mlforce.store import structure_hash
+
+        h = structure_hash(atoms if atoms is not None else self.atoms)
+        with open(self.counter, "a") as fh:
+            fh.write(h + "\n")
+        if int(h[-4:], 16) % 100 < self.fail_percent:
+            raise RuntimeError(f"synthetic SCF failure for {h}")
+        super().calculate(atoms, properties, system_changes)

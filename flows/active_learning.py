@@ -1,0 +1,203 @@
+"""The active-learning loop as a Prefect flow: seed -> (train -> simulate -> select -> label)*.
+
+    python -m flows.active_learning configs/ethanol_xtb.yaml [--run-dir DIR] [--set k=v] [--force]
+    python -m flows.active_learning serve      # serve it as a deployment (flow.serve)
+    mlforce run configs/ethanol_xtb.yaml       # the same as the first line
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary local server (nothing to set up); with
+it, runs report to that server. ``runner.kind: dask`` runs walkers and labels on a Dask
+cluster (a local one of ``runner.workers`` processes, or ``runner.address``).
+Re-running on the same run directory resumes after the last finished round: labels already in
+the ledger are never recomputed (ledger dedupe by structure hash, and the label task's cache
+keyed on the ledger, the frame and the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# torch, tblite and Prefect's worker threads share the cores: spinning OpenMP waits make each
+# of them very slow under contention (measured), passive waits cost a few percent alone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from flows.tasks import (
+    evaluate_task,
+    label_task,
+    seed_task,
+    select_task,
+    simulate_task,
+    train_task,
+)
+from mlforce import campaign
+from mlforce.calculators.reference import validate_reference
+from mlforce.config import Config, load_config
+from mlforce.errors import ConfigError, MlforceError
+
+
+def _check_dask_address(address: str) -> None:
+    """An unreachable scheduler is a clear error before any work starts."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host or "localhost", int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"runner.address {address!r}: Dask scheduler unreachable ({err})"
+        ) from None
+
+
+def task_runner(config: Config) -> Any:
+    """Prefect's thread pool (local) or a DaskTaskRunner (runner.kind: dask)."""
+    r = config.runner
+    if r.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if r.address:
+            _check_dask_address(r.address)
+            return DaskTaskRunner(address=r.address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": r.workers, "processes": True, "threads_per_worker": 1}
+        )
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=r.workers)
+
+
+def _round_artifacts(run: campaign.RunDir, rows: list[dict[str, Any]]) -> None:
+    """One table artifact (all rounds so far) and one markdown artifact with the plots."""
+    last = rows[-1]
+    table = [
+        {
+            k: (round(v, 4) if isinstance(v, float) else v)
+            for k, v in r.items()
+            if k not in ("checkpoint", "test_force_mae")
+        }
+        for r in rows
+    ]
+    create_table_artifact(
+        key=f"round-{last['round']}", table=table,
+        description=f"Active learning, round {last['round']}: {run.root}",
+    )  # fmt: skip
+    try:
+        from mlforce.report import round_markdown
+
+        create_markdown_artifact(
+            key=f"round-{last['round']}-plots", markdown=round_markdown(run, rows),
+            description="uncertainty vs true error, learning curve",
+        )  # fmt: skip
+    except Exception as err:  # plots are a nicety: never fail a round for them
+        get_run_logger().warning(f"round plots failed: {err}")
+
+
+@flow(name="mlforce-active-learning", log_prints=True)
+def active_learning(
+    config: str, run_dir: str | None = None, force: bool = False, **overrides: Any
+) -> dict[str, Any]:
+    """Run (or resume) an active-learning campaign; returns the final state.
+
+    ``config``: YAML path; ``run_dir``: default ``runs/<name>``; ``overrides``: dotted keys
+    (``{"md.steps": 500}``) applied to the config; ``force``: resume a run directory created
+    by a different config.
+    """
+    logger = get_run_logger()
+    cfg = load_config(config, overrides or None)
+    run = campaign.prepare_run_dir(cfg, run_dir or f"runs/{cfg.name}", force=force)
+    state = run.state()
+    rows: list[dict[str, Any]] = state.get("rounds", [])
+    if state.get("stop_reason"):
+        logger.info(f"{run.root}: campaign already finished ({state['stop_reason']})")
+        return state
+    if not rows and not state.get("seeded"):
+        t0 = time.perf_counter()
+        seeded = seed_task(str(run.root))
+        logger.info(f"seed: {seeded} in {time.perf_counter() - t0:.1f} s")
+        state["seeded"] = seeded
+        run.write_state(state)
+    specs = campaign.walker_specs(cfg)
+    round_ = len(rows)
+    while True:
+        round_ += 1
+        t0 = time.perf_counter()
+        trained = train_task(str(run.root), round_)
+        logger.info(
+            f"round {round_}: trained on {trained['n_train']} labels, validation force MAE "
+            f"{trained['val_force_mae']:.4f} eV/Å"
+        )
+        walkers = [f.result() for f in simulate_task.map(str(run.root), round_, specs)]
+        files = [w["candidates_file"] for w in walkers]
+        chosen = select_task(str(run.root), round_, files)
+        labelled = [
+            f.result()
+            for f in label_task.map(
+                str(run.root), chosen["selected_file"], list(range(chosen["n_selected"]))
+            )
+        ]
+        row = evaluate_task(str(run.root), round_, trained, walkers, labelled)
+        row["n_candidates"] = chosen["n_candidates"]
+        row["wall_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        state["rounds"] = rows
+        run.write_state(state)
+        logger.info(
+            f"round {round_}: {row['labels_added']} labels added ({row['labels_failed']} failed), "
+            f"{row['labels_total']} in total; trigger rate {row['triggers_per_ps']:.2f}/ps; "
+            f"σ mean {row['sigma_mean']:.3f} eV/Å"
+        )
+        _round_artifacts(run, rows)
+        reason = campaign.convergence(rows, cfg)
+        if reason:
+            break
+    final = campaign.finalize(run, rows, reason)
+    state.update(final)
+    run.write_state(state)
+    logger.info(f"stopped: {reason}; run directory {run.root}")
+    return state
+
+
+def run_campaign(
+    config: str, run_dir: str | None = None, force: bool = False, **overrides: Any
+) -> dict[str, Any]:
+    """Validate the config, pick the task runner it asks for, and run the flow."""
+    cfg = load_config(config, overrides or None)  # fail early, before Prefect starts
+    validate_reference(cfg.reference)
+    campaign.check_resumable(cfg, run_dir or f"runs/{cfg.name}", force)
+    runner = task_runner(cfg)
+    return active_learning.with_options(task_runner=runner)(config, run_dir, force, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.active_learning")
+    parser.add_argument("config", help="YAML config, or 'serve' to serve the flow")
+    parser.add_argument("--run-dir", help="run directory (default runs/<name>)")
+    parser.add_argument("--force", action="store_true", help="resume despite a config change")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args(argv)
+    if args.config == "serve":
+        active_learning.serve(name="mlforce-active-learning")
+        return 0
+    from mlforce.cli import _parse_overrides
+
+    try:
+        overrides = _parse_overrides(args.set)
+        state = run_campaign(args.config, args.run_dir, args.force, **overrides)
+    except MlforceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(campaign.summary_text(state))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

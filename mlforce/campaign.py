@@ -1,0 +1,420 @@
+"""The steps of an active-learning campaign as plain functions over a run directory.
+
+The Prefect flow (``flows/active_learning.py``) only orders these steps and maps them over
+walkers and frames; every step takes and returns paths and JSON-able values.
+
+Run directory::
+
+    RUN/config.yaml            the resolved config of the campaign (a snapshot)
+    RUN/state.json             finished rounds with their metrics; the resume point
+    RUN/labels.db              the label ledger (ASE db)
+    RUN/round_NNN/model.pt     the round's checkpoint
+    RUN/round_NNN/walker_W.extxyz, candidates_W.extxyz, selected.extxyz
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from ase import Atoms
+from ase.io import read, write
+
+from mlforce.config import Config, config_from_dict
+from mlforce.errors import ConfigError, MlforceError
+
+Logger = Callable[[str], None]
+STATE = "state.json"
+CONFIG = "config.yaml"
+LEDGER = "labels.db"
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+
+def config_hash(config: Config) -> str:
+    """Hash of the resolved config; a run directory only resumes with the same one."""
+    text = json.dumps(config.model_dump(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunDir:
+    """Paths and state of one campaign."""
+
+    root: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / LEDGER
+
+    def round_dir(self, round_: int) -> Path:
+        path = self.root / f"round_{round_:03d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def checkpoint(self, round_: int) -> Path:
+        return self.root / f"round_{round_:03d}" / "model.pt"
+
+    def config(self) -> Config:
+        return config_from_dict(yaml.safe_load((self.root / CONFIG).read_text()), str(self.root))
+
+    def state(self) -> dict[str, Any]:
+        path = self.root / STATE
+        return json.loads(path.read_text()) if path.is_file() else {"rounds": []}
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        tmp = self.root / (STATE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.root / STATE)
+
+
+def check_resumable(config: Config, run_dir: str | Path, force: bool = False) -> None:
+    """Refuse a run directory made by a different config (unless ``force``)."""
+    root = Path(run_dir)
+    if (root / STATE).is_file() and not force:
+        state = RunDir(root).state()
+        digest = config_hash(config)
+        if state.get("config_hash") != digest:
+            raise ConfigError(
+                f"{root} was created by a different config (hash {state.get('config_hash')}, "
+                f"this one {digest}); use another run directory, or --force to resume anyway"
+            )
+
+
+def prepare_run_dir(config: Config, run_dir: str | Path, force: bool = False) -> RunDir:
+    """Create or reopen a run directory; refuse one made by a different config unless forced."""
+    root = Path(run_dir)
+    run = RunDir(root)
+    digest = config_hash(config)
+    check_resumable(config, root, force)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CONFIG).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    state = run.state()
+    state["config_hash"] = digest
+    run.write_state(state)
+    return run
+
+
+# --- seed -------------------------------------------------------------------------------------
+
+
+def seed_frames(config: Config) -> list[Atoms]:
+    """Seed structures: labelled (source md: the reference MD's own frames; source file), or
+    unlabelled (source rattle)."""
+    from mlforce.data import read_labelled
+    from mlforce.generate import reference_md
+    from mlforce.md import load_start_structure
+
+    seed = config.active_learning.seed
+    if seed.source == "file":
+        if not seed.file:
+            raise ConfigError("active_learning.seed.file is required for source: file")
+        return read_labelled(seed.file)
+    frames: list[Atoms] = []
+    for k, path in enumerate(config.md.structures):
+        start = load_start_structure(path)
+        if seed.source == "rattle":
+            rng = np.random.default_rng(config.md.seed + k)
+            for _ in range(seed.frames):
+                frame = start.copy()
+                frame.positions += rng.normal(scale=seed.rattle_std, size=frame.positions.shape)
+                frames.append(frame)
+        else:
+            gen = config.data.generate.model_copy(
+                update={"interval": seed.interval, "equilibration_steps": seed.interval}
+            )
+            try:
+                md_frames = reference_md(
+                    start, config.reference, seed.temperature, seed.frames, gen, config.md.seed + k
+                )
+            except MlforceError:
+                raise
+            except Exception as err:
+                raise MlforceError(
+                    f"seed MD with the reference failed on {path} ({err}); "
+                    "set active_learning.seed.source: rattle to seed without reference MD"
+                ) from None
+            frames += md_frames  # already labelled by the reference MD: no second call
+    return frames
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str, Any]:
+    """Train on every ok label of the ledger (warm start after round 1); write the checkpoint."""
+    from mlforce.checkpoint import load_checkpoint, save_checkpoint
+    from mlforce.store import LabelStore
+    from mlforce.train import train_models
+
+    config = run.config()
+    al = config.active_learning
+    store = LabelStore(run.ledger)
+    train, val = store.split(al.val_fraction)
+    if len(val) == 0 and len(train) > 1:
+        val, train = train[-1:], train[:-1]
+    if not train:
+        raise MlforceError(f"{run.ledger}: no ok labels to train on")
+    warm = None
+    if round_ > 1 and run.checkpoint(round_ - 1).is_file():
+        warm = load_checkpoint(run.checkpoint(round_ - 1)).models
+        if al.round_epochs:
+            config = config.model_copy(deep=True)
+            config.training.max_epochs = al.round_epochs
+            config.training.warmup_epochs = 0
+    result = train_models(train, val, config, warm_start=warm, log=log or (lambda m: None))
+    path = save_checkpoint(
+        run.checkpoint(round_),
+        result.models,
+        calibration=result.calibration,
+        metadata={"round": round_, "training": result.metrics, "config": config.model_dump()},
+    )
+    return {
+        "checkpoint": str(path),
+        "n_train": len(train),
+        "n_val": len(val),
+        "val_force_mae": result.metrics["val_force_mae"],
+        "val_energy_mae_per_atom": result.metrics["val_energy_mae_per_atom"],
+        "train_seconds": result.metrics["seconds"],
+        "calibration_scale": result.calibration.get("scale"),
+    }
+
+
+# --- simulate ---------------------------------------------------------------------------------
+
+
+def walker_specs(config: Config) -> list[dict[str, Any]]:
+    """One walker per structure x temperature: JSON-able specs."""
+    specs = []
+    for s, structure in enumerate(config.md.structures):
+        for t, temperature in enumerate(config.md.temperatures):
+            specs.append(
+                {"walker": len(specs), "structure": structure, "temperature": temperature,
+                 "structure_index": s, "temperature_index": t}
+            )  # fmt: skip
+    return specs
+
+
+def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one walker in collect mode with the round's model; write its candidates."""
+    from mlforce.calculators.ml import MLForceCalculator
+    from mlforce.checkpoint import checkpoint_hash
+    from mlforce.md import load_start_structure, run_walker
+
+    config = run.config()
+    md = config.md.model_copy(deep=True)
+    md.triggers.mode = "collect"
+    u = config.uncertainty
+    calc = MLForceCalculator(
+        run.checkpoint(round_), device=config.device, mc_samples=u.mc_samples, seed=u.seed,
+        prediction=u.prediction,
+    )  # fmt: skip
+    walker = spec["walker"]
+    candidates: list[Atoms] = []
+    out = run.round_dir(round_)
+    summary = run_walker(
+        calc,
+        load_start_structure(spec["structure"]),
+        spec["temperature"],
+        md,
+        seed=md.seed + 1000 * round_ + walker,
+        walker=walker,
+        iteration=round_,
+        model_hash="m-" + checkpoint_hash(run.checkpoint(round_)),
+        trajectory=out / f"walker_{walker}.extxyz",
+        candidates=candidates,
+    )
+    path = out / f"candidates_{walker}.extxyz"
+    write(path, candidates, format="extxyz")
+    return {**summary.to_dict(), "candidates_file": str(path), "structure": spec["structure"]}
+
+
+# --- select -----------------------------------------------------------------------------------
+
+
+def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[str, Any]:
+    """Deduplicate candidates, drop labelled ones, choose a diverse set within the budget.
+
+    Audit frames are all kept (they measure the model where it is confident); uncertainty
+    candidates are chosen by farthest-point sampling on sorted inverse distances, starting
+    from the highest σ, up to the round's remaining label budget.
+    """
+    from mlforce.selection import distance_descriptor, farthest_point_selection
+    from mlforce.store import LabelStore, structure_hash
+
+    config = run.config()
+    al = config.active_learning
+    store = LabelStore(run.ledger)
+    known = store.hashes()
+    seen: set[str] = set()
+    pool: list[Atoms] = []
+    for path in candidate_files:
+        if not Path(path).is_file() or Path(path).stat().st_size == 0:
+            continue
+        for frame in read(path, ":"):
+            h = structure_hash(frame)
+            if h in known or h in seen:
+                continue
+            seen.add(h)
+            pool.append(frame)
+    remaining = max(0, al.total_label_budget - len(store))
+    budget = min(al.labels_per_round, remaining)
+    audits = [f for f in pool if f.info.get("trigger") == "audit"][:budget]
+    others = [f for f in pool if f.info.get("trigger") != "audit"]
+    chosen_idx = farthest_point_selection(
+        [distance_descriptor(f) for f in others],
+        [float(f.info.get("max_force_std", 0.0)) for f in others],
+        budget - len(audits),
+    )
+    selected = audits + [others[i] for i in chosen_idx]
+    path = run.round_dir(round_) / "selected.extxyz"
+    write(path, selected, format="extxyz")
+    return {"selected_file": str(path), "n_candidates": len(pool), "n_selected": len(selected)}
+
+
+def label_frame(run: RunDir, selected_file: str, index: int) -> dict[str, Any]:
+    """Label one selected frame (the reference, with retries inside); returns its outcome."""
+    from mlforce.labeling import label
+    from mlforce.store import PROVENANCE_KEYS, LabelStore
+
+    config = run.config()
+    frame = read(selected_file, index)
+    prov = {k: frame.info[k] for k in PROVENANCE_KEYS if k in frame.info}
+    forces = frame.arrays.get("model_forces")
+    clean = Atoms(frame.numbers, frame.positions, cell=frame.cell, pbc=frame.pbc)
+    summary = label([clean], config.reference, LabelStore(run.ledger), prov, [forces],
+                    progress=False)  # fmt: skip
+    return summary.to_dict()
+
+
+def label_seed(run: RunDir, frames: list[Atoms]) -> dict[str, Any]:
+    """Label the seed frames (trigger ``seed``, round 0); labelled input frames are stored."""
+    from mlforce.labeling import label
+    from mlforce.store import LabelStore
+
+    from mlforce.calculators.reference import reference_description
+    from mlforce.graph import reference_labels
+
+    config = run.config()
+    store = LabelStore(run.ledger)
+    prov = {"iteration": 0, "trigger": "seed"}
+    if frames and frames[0].calc is not None:  # labelled already (seed MD, or a given file)
+        source = config.active_learning.seed.source
+        method = reference_description(config.reference) if source == "md" else "file"
+        for atoms in frames:
+            e, f = reference_labels(atoms)
+            clean = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+            store.add(clean, energy=e, forces=f, reference=method, status="ok", **prov)
+        return {"ok": len(frames), "failed": 0, "skipped": 0, "reference_seconds": 0.0}
+    return label(frames, config.reference, store, prov, progress=False).to_dict()
+
+
+# --- evaluate and converge --------------------------------------------------------------------
+
+
+def evaluate_round(
+    run: RunDir, round_: int, train: dict, walkers: list[dict], labels: list[dict]
+) -> dict[str, Any]:
+    """The round's row: labels, errors, trigger rate, σ statistics, times."""
+    from mlforce.store import LabelStore
+
+    config = run.config()
+    store = LabelStore(run.ledger)
+    rows = store.rows(iteration=round_)
+    audit = [r["true_max_force_error"] for r in rows
+             if r.get("trigger") == "audit" and "true_max_force_error" in r]  # fmt: skip
+    simulated_ps = sum(w["simulated_fs"] for w in walkers) / 1000.0
+    triggers = sum(w["triggers_per_ps"] * w["simulated_fs"] / 1000.0 for w in walkers)
+    row = {
+        "round": round_,
+        "labels_added": sum(x.get("ok", 0) for x in labels),
+        "labels_failed": sum(x.get("failed", 0) for x in labels),
+        "labels_total": len(store.rows(status="ok")),
+        "val_force_mae": train["val_force_mae"],
+        "audit_max_force_error": float(np.mean(audit)) if audit else None,
+        "triggers_per_ps": triggers / simulated_ps if simulated_ps else 0.0,
+        "sigma_mean": float(np.mean([w["sigma_mean"] for w in walkers])) if walkers else 0.0,
+        "sigma_max": float(np.max([w["sigma_max"] for w in walkers])) if walkers else 0.0,
+        "simulated_ps": simulated_ps,
+        "rollbacks": sum(w["rollbacks"] for w in walkers),
+        "train_seconds": train["train_seconds"],
+        "simulate_seconds": sum(w["model_seconds"] for w in walkers),
+        "label_seconds": sum(x.get("reference_seconds", 0.0) for x in labels),
+        "checkpoint": train["checkpoint"],
+    }
+    if config.active_learning.test_files:
+        row["test_force_mae"] = test_errors(train["checkpoint"], config.active_learning.test_files)
+    return row
+
+
+def test_errors(checkpoint: str, files: list[str]) -> dict[str, float]:
+    """Deterministic force MAE (eV/Å) of a checkpoint on each labelled test file."""
+    from mlforce.checkpoint import load_checkpoint
+    from mlforce.data import graphs_from_frames, read_labelled
+    from mlforce.evaluate import evaluate_graphs
+
+    ckpt = load_checkpoint(checkpoint)
+    dtype = next(ckpt.model.parameters()).dtype
+    out = {}
+    for f in files:
+        graphs = graphs_from_frames(read_labelled(f), ckpt.species, ckpt.cutoff, dtype, True)
+        out[Path(f).stem] = evaluate_graphs(ckpt.model, graphs)["force_mae"]
+    return out
+
+
+def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
+    """Why the campaign stops after these rounds, or None to go on."""
+    al = config.active_learning
+    k = al.converged_rounds
+    recent = rounds[-k:]
+    if len(recent) == k and all(r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent):
+        return f"converged: trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds"
+    if rounds and rounds[-1]["labels_total"] >= al.total_label_budget:
+        return f"label budget of {al.total_label_budget} reached"
+    if len(rounds) >= al.max_rounds:
+        return f"max_rounds ({al.max_rounds}) reached"
+    return None
+
+
+def finalize(run: RunDir, rounds: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    """The campaign's end: stop reason, final checkpoint, the headline numbers."""
+    last, first = rounds[-1], rounds[0]
+    return {
+        "stop_reason": reason,
+        "rounds_run": len(rounds),
+        "final_checkpoint": last["checkpoint"],
+        "labels_total": last["labels_total"],
+        "first_triggers_per_ps": first["triggers_per_ps"],
+        "last_triggers_per_ps": last["triggers_per_ps"],
+        "final_val_force_mae": last["val_force_mae"],
+        "final_test_force_mae": last.get("test_force_mae"),
+        "run_dir": str(run.root),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def summary_text(state: dict[str, Any]) -> str:
+    """A few lines for the terminal at the end of a campaign."""
+    lines = [
+        f"campaign stopped: {state.get('stop_reason')}",
+        f"run directory:    {state.get('run_dir')}",
+        f"final checkpoint: {state.get('final_checkpoint')}",
+        f"labels:           {state.get('labels_total')} in {state.get('rounds_run')} rounds",
+        f"trigger rate:     {state.get('first_triggers_per_ps', 0):.2f}/ps in round 1 -> "
+        f"{state.get('last_triggers_per_ps', 0):.2f}/ps in the last round",
+        f"validation force MAE of the final model: {state.get('final_val_force_mae', 0):.4f} eV/Å",
+    ]
+    for name, mae in (state.get("final_test_force_mae") or {}).items():
+        lines.append(f"test force MAE ({name}): {mae:.4f} eV/Å")
+    if state.get("report"):
+        lines.append(f"report:           {state['report']}")
+    return "\n".join(lines)
