@@ -298,11 +298,10 @@ def label_frame(run: RunDir, selected_file: str, index: int) -> dict[str, Any]:
 
 def label_seed(run: RunDir, frames: list[Atoms]) -> dict[str, Any]:
     """Label the seed frames (trigger ``seed``, round 0); labelled input frames are stored."""
-    from mlforce.labeling import label
-    from mlforce.store import LabelStore
-
     from mlforce.calculators.reference import reference_description
     from mlforce.graph import reference_labels
+    from mlforce.labeling import label
+    from mlforce.store import LabelStore
 
     config = run.config()
     store = LabelStore(run.ledger)

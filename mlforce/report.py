@@ -14,10 +14,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from mlforce.metrics import spearman  # noqa: E402
+from mlforce.metrics import spearman
 
 
 def png_base64(fig: Any, dpi: int = 110) -> str:
@@ -97,6 +97,7 @@ def round_markdown(run: Any, rounds: Sequence[dict[str, Any]]) -> str:
     return (
         f"### Round {last['round']}\n\n"
         f"{last['labels_added']} labels added, {last['labels_total']} in total; trigger rate "
-        f"{last['triggers_per_ps']:.2f}/ps; validation force MAE {last['val_force_mae']:.4f} eV/Å\n\n"
+        f"{last['triggers_per_ps']:.2f}/ps; validation force MAE "
+        f"{last['val_force_mae']:.4f} eV/Å\n\n"
         f"![round {last['round']}](data:image/png;base64,{png_base64(fig)})\n"
     )

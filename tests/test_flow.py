@@ -59,8 +59,9 @@ def test_two_rounds_give_checkpoints_labels_and_artifacts(two_rounds):
     learned = [r for r in rows if r["trigger"] in ("uncertainty", "audit")]
     assert len(seeds) == 12 and learned
     for r in learned:
-        for key in ("iteration", "walker", "md_step", "time_fs", "max_force_std", "threshold",
-                    "model_hash", "reference", "reference_seconds", "true_max_force_error"):  # fmt: skip
+        keys = ("iteration", "walker", "md_step", "time_fs", "max_force_std", "threshold",
+                "model_hash", "reference", "reference_seconds", "true_max_force_error")  # fmt: skip
+        for key in keys:
             assert key in r, key
     artifacts = _artifacts()
     tables = [a for a in artifacts if a["type"] == "table" and a["key"].startswith("round-")]
@@ -154,11 +155,11 @@ def test_bad_input_fails_before_any_work(harness, tmp_path):
         run_campaign(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("active_learning:\n  rounds: 3\n")
-    with pytest.raises(ConfigError, match="active_learning.rounds: unknown key"):
+    with pytest.raises(ConfigError, match=r"active_learning\.rounds: unknown key"):
         run_campaign(str(bad))
+    dask = {"runner.kind": "dask", "runner.address": "tcp://127.0.0.1:9"}
     with pytest.raises(ConfigError, match="unreachable"):
-        run_campaign(TINY, str(tmp_path / "d"), **{"runner.kind": "dask",
-                                                    "runner.address": "tcp://127.0.0.1:9"})  # fmt: skip
+        run_campaign(TINY, str(tmp_path / "d"), **dask)
     assert not (tmp_path / "d").exists()
 
 
