@@ -46,9 +46,10 @@ def plot_uncertainty_vs_error(
                 r for r in pts if int(r.get("iteration", 0)) == rnd and r.get("trigger") == trigger
             ]
             if sel:
-                ax.scatter([r["max_force_std"] for r in sel], [r["true_max_force_error"] for r in sel],
-                           s=18, marker=marker, color=cmap(k), alpha=0.8,
-                           label=f"round {rnd} {trigger}")  # fmt: skip
+                ax.scatter(
+                    [r["max_force_std"] for r in sel], [r["true_max_force_error"] for r in sel],
+                    s=18, marker=marker, color=cmap(k), alpha=0.8, label=f"round {rnd} {trigger}",
+                )  # fmt: skip
     x = np.array([r["max_force_std"] for r in pts])
     y = np.array([r["true_max_force_error"] for r in pts])
     lim = [0, 1.05 * float(max(x.max(), y.max()))]
