@@ -204,26 +204,112 @@ def cmd_md(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    """The ledger as a table, JSON, CSV or extxyz export."""
+    from mlforce.report import LABEL_COLUMNS, label_table, resolve_ledger
+
+    ledger, _ = resolve_ledger(args.path)
+    rows = label_table(
+        ledger, args.round, args.trigger, args.status, args.min_std, args.sort, args.limit
+    )
+    if args.export:
+        from ase.io import write
+
+        from mlforce.store import LabelStore
+
+        wanted = {r["id"] for r in rows}
+        frames = [a for a in LabelStore(ledger).atoms() if a.info["id"] in wanted]
+        write(args.export, frames, format="extxyz")
+        _log(f"{len(frames)} labelled structures written to {args.export}")
+    if args.json:
+        print(json.dumps(rows))
+    elif args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=LABEL_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not args.export:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{ledger}: {len(rows)} labels")
+        for col in LABEL_COLUMNS:
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(*[_cell(r[c]) for c in LABEL_COLUMNS])
+        Console().print(table)
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mlforce.report_html import build_report
+
+    path = build_report(args.path, args.output)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The Prefect flow, in a child process (mlforce itself never imports Prefect)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "flows.active_learning", args.config]
+    if args.run_dir:
+        cmd += ["--run-dir", args.run_dir]
+    if args.force:
+        cmd.append("--force")
+    for item in args.set or []:
+        cmd += ["--set", item]
+    return subprocess.call(cmd)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate data if missing, train, and evaluate on the test sets of the config."""
+    """The main job end to end: test data, the active-learning flow, the report, the numbers."""
+    import subprocess
+
+    from mlforce.campaign import RunDir
     from mlforce.config import load_config
     from mlforce.generate import generate_datasets
+    from mlforce.report_html import build_report
 
+    start = time.perf_counter()
     overrides = _parse_overrides(args.set)
     config = load_config(args.config, overrides)
-    needed = [*config.data.train, *config.data.test.values()]
-    if not all(Path(p).is_file() for p in needed):
-        _log("generating reference data (GFN2-xTB Langevin MD) ...")
-        generate_datasets(config, Path(config.data.train[0]).parent, log=_log)
-    out = Path(args.out)
-    metrics = run_training(args.config, None, str(out), overrides)
-    print(f"checkpoint: {metrics['checkpoint']}")
-    for name, path in config.data.test.items():
-        m = run_evaluation(metrics["checkpoint"], path)
-        print(
-            f"test {name}: force MAE {m['force_mae']:.4f} eV/Å, energy MAE "
-            f"{1000 * m['energy_mae_per_atom']:.2f} meV/atom ({m['n_configs']} frames)"
-        )
+    tests = config.active_learning.test_files
+    if tests and not all(Path(p).is_file() for p in tests):
+        _log("generating independent xTB test trajectories ...")
+        generate_datasets(config, Path(tests[0]).parent, log=_log, train=False)
+    cmd = [sys.executable, "-m", "flows.active_learning", args.config, "--run-dir", args.out]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    if args.force:
+        cmd.append("--force")
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise MlforceError(f"the active-learning flow failed (exit status {code})")
+    state = RunDir(Path(args.out)).state()
+    report = build_report(args.out)
+    rounds = state["rounds"]
+    print()
+    print(f"run directory     {args.out}")
+    print(f"final checkpoint  {state['final_checkpoint']}")
+    print(f"report            {report}")
+    print(f"stop reason       {state['stop_reason']}")
+    print(f"reference labels  {state['labels_total']} in {len(rounds)} rounds")
+    print(
+        f"trigger rate      {rounds[0]['triggers_per_ps']:.2f}/ps (round 1) -> "
+        f"{rounds[-1]['triggers_per_ps']:.2f}/ps (round {len(rounds)})"
+    )
+    for name, mae in (state.get("final_test_force_mae") or {}).items():
+        print(f"test force MAE    {mae:.4f} eV/Å on {name}")
+    print(f"wall time         {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
 
@@ -288,9 +374,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(p)
     p.set_defaults(func=cmd_md)
 
-    p = sub.add_parser("demo", help="generate data if missing, train and evaluate")
+    p = sub.add_parser("labels", help="the label ledger as a table / JSON / CSV / extxyz")
+    p.add_argument("path", help="a run directory or a ledger (labels.db)")
+    p.add_argument("--round", type=int, help="only this round (0: seed)")
+    p.add_argument("--trigger", choices=["seed", "uncertainty", "audit", "guard", "manual"])
+    p.add_argument("--status", choices=["ok", "failed"])
+    p.add_argument("--min-std", type=float, help="only labels with max_force_std >= this")
+    p.add_argument("--sort", help="column to sort by, '-' prefix for descending")
+    p.add_argument("--limit", type=int)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON array of objects")
+    fmt.add_argument("--csv", action="store_true")
+    p.add_argument("--export", metavar="FILE.extxyz", help="write the selected structures")
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("report", help="a self-contained HTML report of a campaign")
+    p.add_argument("path", help="a run directory (or a ledger)")
+    p.add_argument("-o", "--output", help="HTML file (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="run the active-learning flow (python -m flows.active_learning)")
+    p.add_argument("config")
+    p.add_argument("--run-dir")
+    p.add_argument("--force", action="store_true")
+    add_set(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the main job: the active-learning flow, report, numbers")
     p.add_argument("config", nargs="?", default="configs/ethanol_xtb.yaml")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--force", action="store_true", help="resume despite a config change")
     add_set(p)
     p.set_defaults(func=cmd_demo)
     return parser

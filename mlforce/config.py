@@ -61,7 +61,7 @@ class TrainingConfig(Strict):
     patience: int = Field(60, ge=1, description="early stopping: epochs without improvement")
     ema_decay: float | None = Field(0.99, ge=0, lt=1, description="EMA of weights (None: off)")
     deterministic_fraction: float = Field(
-        0.0,
+        0.5,
         ge=0,
         lt=1,
         description="fraction of each batch's structures trained with dropout off, so the "

@@ -68,9 +68,12 @@ def reference_md(
 
 
 def generate_datasets(
-    config: Config, out_dir: str | Path, log: Callable[[str], None] | None = None
+    config: Config,
+    out_dir: str | Path,
+    log: Callable[[str], None] | None = None,
+    train: bool = True,
 ) -> dict[str, Path]:
-    """Write the training and test sets of ``config.data.generate`` into ``out_dir``."""
+    """Write the training (unless ``train=False``) and test sets of ``config.data.generate``."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     gen = config.data.generate
     start = read_structures(gen.structure)[0]
@@ -81,16 +84,17 @@ def generate_datasets(
 
     per_t = np.full(len(gen.temperatures), gen.frames // len(gen.temperatures))
     per_t[: gen.frames % len(gen.temperatures)] += 1
-    train: list[Atoms] = []
     t0 = time.perf_counter()
-    for k, (temperature, n) in enumerate(zip(gen.temperatures, per_t)):
-        train += reference_md(start, config.reference, temperature, int(n), gen, gen.seed + k)
-        log(
-            f"train: {len(train)}/{gen.frames} frames ({temperature:.0f} K done, "
-            f"{time.perf_counter() - t0:.0f} s)"
-        )
-    paths["train"] = out / f"{stem}_train.extxyz"
-    write(paths["train"], train, format="extxyz")
+    if train:
+        frames: list[Atoms] = []
+        for k, (temperature, n) in enumerate(zip(gen.temperatures, per_t)):
+            frames += reference_md(start, config.reference, temperature, int(n), gen, gen.seed + k)
+            log(
+                f"train: {len(frames)}/{gen.frames} frames ({temperature:.0f} K done, "
+                f"{time.perf_counter() - t0:.0f} s)"
+            )
+        paths["train"] = out / f"{stem}_train.extxyz"
+        write(paths["train"], frames, format="extxyz")
     for k, temperature in enumerate(gen.test_temperatures):
         frames = reference_md(
             start, config.reference, temperature, gen.test_frames, gen, gen.test_seed + k

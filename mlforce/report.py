@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -102,3 +103,76 @@ def round_markdown(run: Any, rounds: Sequence[dict[str, Any]]) -> str:
         f"{last['val_force_mae']:.4f} eV/Å\n\n"
         f"![round {last['round']}](data:image/png;base64,{png_base64(fig)})\n"
     )
+
+
+# --- the labels table (mlforce labels) ----------------------------------------------------------
+
+LABEL_COLUMNS = [
+    "id", "round", "walker", "md_step", "time_fs", "trigger", "max_force_std", "threshold",
+    "true_max_force_error", "energy", "reference_seconds", "status",
+]  # fmt: skip
+
+
+def resolve_ledger(path: str | Path) -> tuple[Path, Path | None]:
+    """(ledger, run directory or None) from a run directory or a ledger file; clear errors."""
+    from mlforce.errors import MlforceError
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "labels.db").is_file():
+            return p / "labels.db", p
+        raise MlforceError(f"{p}: not a run directory (no labels.db inside)")
+    if p.is_file():
+        import sqlite3
+
+        try:
+            with sqlite3.connect(f"file:{p}?mode=ro", uri=True) as con:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError:
+            tables = set()
+        if "systems" not in tables:
+            raise MlforceError(f"{p}: not a label ledger (an ASE SQLite database)")
+        return p, (p.parent if (p.parent / "state.json").is_file() else None)
+    raise MlforceError(f"{p}: no such run directory or ledger")
+
+
+def label_table(
+    ledger: str | Path,
+    round_: int | None = None,
+    trigger: str | None = None,
+    status: str | None = None,
+    min_std: float | None = None,
+    sort: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of the ledger with :data:`LABEL_COLUMNS` (None where absent), filtered and sorted."""
+    from mlforce.errors import MlforceError
+    from mlforce.store import LabelStore
+
+    if sort is not None and sort.lstrip("-") not in LABEL_COLUMNS:
+        raise MlforceError(
+            f"unknown sort key {sort!r}; choose one of {', '.join(LABEL_COLUMNS)} (prefix - for "
+            "descending)"
+        )
+    filters: dict[str, Any] = {}
+    if round_ is not None:
+        filters["iteration"] = round_
+    if trigger is not None:
+        filters["trigger"] = trigger
+    if status is not None:
+        filters["status"] = status
+    out = []
+    for row in LabelStore(ledger).rows(**filters):
+        item = {c: row.get(c) for c in LABEL_COLUMNS}
+        item["round"] = row.get("iteration")
+        if min_std is not None and (
+            item["max_force_std"] is None or item["max_force_std"] < min_std
+        ):
+            continue
+        out.append(item)
+    if sort:
+        key, reverse = sort.lstrip("-"), sort.startswith("-")
+        present = [r for r in out if r[key] is not None]
+        missing = [r for r in out if r[key] is None]
+        out = sorted(present, key=lambda r: r[key], reverse=reverse) + missing
+    return out[:limit] if limit else out

@@ -123,3 +123,22 @@ def random_rotation(seed: int = 0) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] *= -1
     return q
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real Prefect server (temporary database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_campaign(prefect_harness, tmp_path_factory):
+    """A real two-round campaign of configs/tiny.yaml (xTB reference): (run_dir, state)."""
+    from flows.active_learning import run_campaign
+
+    run_dir = tmp_path_factory.mktemp("campaign") / "run"
+    state = run_campaign(str(ROOT / "configs" / "tiny.yaml"), str(run_dir))
+    return run_dir, state

@@ -19,21 +19,14 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 COUNTING = "tests.helpers.mlforce_test_calcs:CountingXTB"
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+@pytest.fixture
+def harness(prefect_harness):
+    return prefect_harness
 
 
-@pytest.fixture(scope="module")
-def two_rounds(harness, tmp_path_factory):
-    from flows.active_learning import run_campaign
-
-    run_dir = tmp_path_factory.mktemp("flow") / "run"
-    state = run_campaign(TINY, str(run_dir))
-    return run_dir, state
+@pytest.fixture
+def two_rounds(tiny_campaign):
+    return tiny_campaign
 
 
 def _artifacts() -> list[dict]:
