@@ -1,0 +1,101 @@
+"""Uncertainty quality: MC dropout against a deep ensemble on the same data and architecture.
+
+Prints one JSON object. For each test set (300 K and 800 K xTB ethanol trajectories, and an
+out-of-domain xTB malonaldehyde trajectory generated here) and each method: force MAE of the
+prediction, Spearman of max_force_std vs the true max per-atom force error, ROC-AUC for the 10%
+worst structures, miscalibration area (calibrated), and inference time per structure. MC
+dropout is scored for several T and several mask seeds (its ranking depends on the mask set:
+the spread is part of the answer).
+
+    mlforce train configs/ethanol_xtb.yaml --out runs/bench/mc --set training.threads=1
+    mlforce train configs/ethanol_xtb.yaml --out runs/bench/ensemble --ensemble 4 \\
+        --set model.node_dropout=0 --set model.edge_dropout=0 --set training.threads=1
+    python benchmarks/uq_quality.py --mc runs/bench/mc --ensemble runs/bench/ensemble
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlforce.checkpoint import load_checkpoint
+from mlforce.config import ReferenceConfig, load_config
+from mlforce.data import graphs_from_frames, read_labelled, read_structures
+from mlforce.evaluate import uncertainty_metrics
+from mlforce.uncertainty import predict_dataset
+
+KEYS = ("force_mae", "force_mae_mc_mean", "spearman_max_force", "auroc_top10",
+        "miscalibration_area", "mean_max_force_std", "inference_ms_per_structure")  # fmt: skip
+
+
+def ood_set(path: Path, frames: int) -> Path:
+    """An xTB Langevin trajectory of malonaldehyde at 300 K (generated once)."""
+    if path.is_file():
+        return path
+    from ase.io import write
+
+    from mlforce.generate import reference_md
+
+    gen = load_config("configs/ethanol_xtb.yaml").data.generate
+    start = read_structures("data/malonaldehyde.xyz")[0]
+    out = reference_md(start, ReferenceConfig(), 300.0, frames, gen, seed=2024)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path, out, format="extxyz")
+    return path
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)),
+            "max": float(np.max(values))}  # fmt: skip
+
+
+def score(models, calibration, graphs, t: int, seed: int) -> dict:
+    pred = predict_dataset(models, graphs, t, seed)
+    m = uncertainty_metrics(pred, graphs, calibration)
+    return {k: m[k] for k in KEYS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mc", required=True, help="MC-dropout checkpoint (dir or model.pt)")
+    parser.add_argument("--ensemble", required=True, help="committee checkpoint")
+    parser.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mc, ens = load_checkpoint(args.mc), load_checkpoint(args.ensemble)
+    sets = {
+        "300K": Path("datasets/ethanol_test_300K.extxyz"),
+        "800K": Path("datasets/ethanol_test_800K.extxyz"),
+        "malonaldehyde_300K": ood_set(Path("datasets/malonaldehyde_test_300K.extxyz"), 100),
+    }
+    out: dict = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "mc_training_seconds": mc.metadata.get("training", {}).get("seconds"),
+        "ensemble_training_seconds": ens.metadata.get("training", {}).get("seconds"),
+        "mc_calibration": mc.calibration,
+        "ensemble_calibration": ens.calibration,
+    }
+    for name, path in sets.items():
+        frames = read_labelled(path)
+        graphs = graphs_from_frames(frames, mc.species, mc.cutoff, torch.float32, True)
+        row: dict = {"n_configs": len(frames), "ensemble": score(ens.models, ens.calibration,
+                                                                  graphs, 2, 0)}  # fmt: skip
+        for t in args.samples:
+            runs = [score(mc.models, mc.calibration, graphs, t, s) for s in args.seeds]
+            row[f"mc_T{t}"] = {k: _spread([r[k] for r in runs]) for k in KEYS}
+        out[name] = row
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
