@@ -134,3 +134,25 @@ def test_bad_input(dropout_ckpt, tmp_path):
     torch.save(payload, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="incompatible"):
         MLForceCalculator(tmp_path / "old.pt")
+
+
+def test_evaluate_cli_reports_uncertainty_quality(trained_checkpoint, xtb_frames, tmp_path, capsys):
+    import json
+
+    from ase.io import write
+
+    from mlforce.cli import main
+
+    data = tmp_path / "test.extxyz"
+    write(data, xtb_frames[100:], format="extxyz")
+    assert (
+        main(["evaluate", str(trained_checkpoint), str(data), "--mc-samples", "4", "--json"]) == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("spearman_max_force", "auroc_top10", "miscalibration_area", "force_mae",
+                "n_configs", "energy_mae_per_atom", "force_rmse"):  # fmt: skip
+        assert key in metrics, key
+    assert -1 <= metrics["spearman_max_force"] <= 1 and 0 <= metrics["auroc_top10"] <= 1
+    assert 0 <= metrics["miscalibration_area"] <= 0.5 and metrics["n_configs"] == 20
+    assert main(["evaluate", str(trained_checkpoint), str(data), "--mc-samples", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
