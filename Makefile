@@ -7,7 +7,7 @@ CONFIG ?= configs/ethanol_xtb.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo data lint format bench clean browser
+.PHONY: install test demo data lint format bench bench-setup clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ data: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mlforce demo $(CONFIG)
+
+# Peer packages for the benchmarks (not needed by mlforce itself).
+bench-setup: $(STAMP)
+	$(PY) -m pip install -q mace-torch==0.3.16
+
+# The quick benchmarks (a few minutes); see docs/benchmarks.md for the long ones.
+bench: $(STAMP)
+	@test -f datasets/ethanol_train.extxyz || $(VENV)/bin/mlforce generate $(CONFIG) --out datasets
+	@test -f runs/bench/mc/model.pt || $(VENV)/bin/mlforce train $(CONFIG) --out runs/bench/mc
+	$(PY) benchmarks/uq_cost.py --checkpoint runs/bench/mc --threads 1
+	$(PY) benchmarks/md_speed.py --checkpoint runs/bench/mc --threads 1
+	$(PY) benchmarks/accuracy.py --checkpoint runs/bench/mc
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
