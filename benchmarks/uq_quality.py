@@ -28,6 +28,7 @@ from mlforce.checkpoint import load_checkpoint
 from mlforce.config import ReferenceConfig, load_config
 from mlforce.data import graphs_from_frames, read_labelled, read_structures
 from mlforce.evaluate import uncertainty_metrics
+from mlforce.metrics import auroc
 from mlforce.uncertainty import predict_dataset
 
 KEYS = ("force_mae", "force_mae_mc_mean", "spearman_max_force", "auroc_top10",
@@ -58,7 +59,14 @@ def _spread(values: list[float]) -> dict[str, float]:
 def score(models, calibration, graphs, t: int, seed: int) -> dict:
     pred = predict_dataset(models, graphs, t, seed)
     m = uncertainty_metrics(pred, graphs, calibration)
-    return {k: m[k] for k in KEYS}
+    return {**{k: m[k] for k in KEYS}, "_sigma": pred.max_force_std(calibration)}
+
+
+def ood_auroc(in_domain: np.ndarray, out_of_domain: np.ndarray) -> float:
+    """ROC-AUC of max_force_std for telling out-of-domain structures from in-domain ones."""
+    score_ = np.concatenate([in_domain, out_of_domain])
+    positive = np.r_[np.zeros(len(in_domain), bool), np.ones(len(out_of_domain), bool)]
+    return auroc(score_, positive)
 
 
 def main() -> None:
@@ -85,15 +93,24 @@ def main() -> None:
         "mc_calibration": mc.calibration,
         "ensemble_calibration": ens.calibration,
     }
+    sigmas: dict = {}
     for name, path in sets.items():
         frames = read_labelled(path)
         graphs = graphs_from_frames(frames, mc.species, mc.cutoff, torch.float32, True)
-        row: dict = {"n_configs": len(frames), "ensemble": score(ens.models, ens.calibration,
-                                                                  graphs, 2, 0)}  # fmt: skip
+        ens_score = score(ens.models, ens.calibration, graphs, 2, 0)
+        sigmas[(name, "ensemble")] = [ens_score.pop("_sigma")]
+        row: dict = {"n_configs": len(frames), "ensemble": ens_score}
         for t in args.samples:
             runs = [score(mc.models, mc.calibration, graphs, t, s) for s in args.seeds]
+            sigmas[(name, f"mc_T{t}")] = [r.pop("_sigma") for r in runs]
             row[f"mc_T{t}"] = {k: _spread([r[k] for r in runs]) for k in KEYS}
         out[name] = row
+    # out of domain: does σ tell malonaldehyde from ethanol at 300 K?
+    out["ood_auroc_malonaldehyde_vs_300K"] = {
+        method: _spread([ood_auroc(a, b) for a, b in zip(sigmas[("300K", method)],
+                                                         sigmas[("malonaldehyde_300K", method)])])
+        for method in ["ensemble"] + [f"mc_T{t}" for t in args.samples]
+    }  # fmt: skip
     print(json.dumps(out, indent=1))
 
 
