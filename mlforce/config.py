@@ -152,7 +152,10 @@ class UncertaintyConfig(Strict):
     prediction: Literal["deterministic", "mc_mean"] = Field(
         "deterministic", description="forces used for MD: dropout off, or the MC mean"
     )
-    calibration: Literal["none", "scale", "per_element"] = "scale"
+    calibration: Literal["none", "scale", "robust", "per_element"] = Field(
+        "robust",
+        description="σ -> expected error: robust (median) scale, likelihood scale, per element",
+    )
 
 
 class TriggerConfig(Strict):

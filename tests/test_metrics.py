@@ -32,6 +32,15 @@ def test_calibration_recovers_a_known_scale_and_zeroes_the_area():
     assert cal["scale"] == pytest.approx(3.0, rel=0.03)
     assert miscalibration_area(errors, std) > 0.2  # overconfident by 3x
     assert miscalibration_area(errors, cal["scale"] * std) < 0.02
+    robust = fit_calibration(errors, std, method="robust")
+    assert robust["scale"] == pytest.approx(3.0, rel=0.05)
+    # a few atoms with a tiny σ and a real error: the likelihood scale blows up, the robust not
+    spoiled_std = std.copy()
+    spoiled_std[:25] = 1e-4
+    assert fit_calibration(errors, spoiled_std, method="scale")["scale"] > 10
+    assert fit_calibration(errors, spoiled_std, method="robust")["scale"] == pytest.approx(
+        3.0, rel=0.06
+    )
     numbers = rng.choice([1, 6], size=5000)
     errors_pe = np.where(numbers[:, None] == 1, 2.0, 5.0) * std * rng.normal(size=std.shape)
     pe = fit_calibration(errors_pe, std, numbers, method="per_element")
