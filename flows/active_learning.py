@@ -127,7 +127,8 @@ def active_learning(
         run.write_state(state)
     specs = campaign.walker_specs(cfg)
     round_ = len(rows)
-    while True:
+    reason = campaign.convergence(rows, cfg) if rows else None  # a resumed, finished loop
+    while reason is None:
         round_ += 1
         t0 = time.perf_counter()
         trained = train_task(str(run.root), round_)
@@ -157,9 +158,9 @@ def active_learning(
         )
         _round_artifacts(run, rows)
         reason = campaign.convergence(rows, cfg)
-        if reason:
-            break
-    final = campaign.finalize(run, rows, reason)
+    # the last round's labels came after its model: one more training on every label
+    final_model = train_task(str(run.root), len(rows) + 1)
+    final = campaign.finalize(run, rows, reason, final_model)
     state.update(final)
     run.write_state(state)
     logger.info(f"stopped: {reason}; run directory {run.root}")

@@ -384,18 +384,22 @@ def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
     return None
 
 
-def finalize(run: RunDir, rounds: list[dict[str, Any]], reason: str) -> dict[str, Any]:
-    """The campaign's end: stop reason, final checkpoint, the headline numbers."""
+def finalize(
+    run: RunDir, rounds: list[dict[str, Any]], reason: str, final_model: dict[str, Any]
+) -> dict[str, Any]:
+    """The campaign's end: stop reason, the final model (trained on every label), numbers."""
     last, first = rounds[-1], rounds[0]
+    tests = run.config().active_learning.test_files
     return {
         "stop_reason": reason,
         "rounds_run": len(rounds),
-        "final_checkpoint": last["checkpoint"],
-        "labels_total": last["labels_total"],
+        "final_checkpoint": final_model["checkpoint"],
+        "labels_total": final_model["n_train"] + final_model["n_val"],
         "first_triggers_per_ps": first["triggers_per_ps"],
         "last_triggers_per_ps": last["triggers_per_ps"],
-        "final_val_force_mae": last["val_force_mae"],
-        "final_test_force_mae": last.get("test_force_mae"),
+        "final_val_force_mae": final_model["val_force_mae"],
+        "final_test_force_mae": test_errors(final_model["checkpoint"], tests) if tests else None,
+        "final_train_seconds": final_model["train_seconds"],
         "run_dir": str(run.root),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

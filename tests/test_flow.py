@@ -44,6 +44,9 @@ def _artifacts() -> list[dict]:
 def test_two_rounds_give_checkpoints_labels_and_artifacts(two_rounds):
     run_dir, state = two_rounds
     assert state["rounds_run"] == 2 and "max_rounds" in state["stop_reason"]
+    # the final model is trained after the last round, on every ok label of the ledger
+    assert state["final_checkpoint"].endswith("round_003/model.pt")
+    assert state["labels_total"] == len(LabelStore(run_dir / "labels.db").rows(status="ok"))
     for r in (1, 2):
         assert (run_dir / f"round_{r:03d}" / "model.pt").is_file()
         assert (run_dir / f"round_{r:03d}" / "walker_0.extxyz").is_file()
