@@ -3,7 +3,8 @@
 Reads a finished campaign (its rounds, seed labels and test scores), then repeats its training
 schedule (round 1 from scratch, later rounds warm-started with ``round_epochs``) on labels
 drawn **at random** from a GFN2-xTB MD pool of the same simulated time at the same
-temperatures: after round k the random model has as many labels as the campaign had. Prints
+temperatures: each random model has as many labels as the campaign's model at that point
+(round k's model saw the labels of rounds before k; the final model all of them). Prints
 one JSON object: both learning curves (test force MAE vs labels) and the labels each needs to
 reach the target MAE (or the lowest level both reach).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -72,8 +74,12 @@ def main() -> None:
     al_curve, random_curve = [], []
     previous = None
     start = time.perf_counter()
-    for k, row in enumerate(rounds, start=1):
-        n_new = max(0, row["labels_total"] - len(seeds))
+    # round k's model was trained on the labels of rounds < k; the final model on all of them
+    points = [(row["labels_total"] - row["labels_added"], row.get("test_force_mae") or {})
+              for row in rounds]  # fmt: skip
+    points.append((state["labels_total"], state.get("final_test_force_mae") or {}))
+    for k, (n_labels, al_scores) in enumerate(points, start=1):
+        n_new = max(0, n_labels - len(seeds))
         chosen = seeds + [pool[i] for i in order[:n_new]]
         val_frac = config.active_learning.val_fraction
         train = [a for a in chosen if not in_validation(structure_hash(a), val_frac)]
@@ -87,9 +93,9 @@ def main() -> None:
         path = save_checkpoint(work / f"round_{k:03d}", result.models)
         scores = test_errors(str(path), tests)
         random_curve.append((len(chosen), scores))
-        al_curve.append((row["labels_total"], row.get("test_force_mae") or {}))
+        al_curve.append((n_labels, al_scores))
         print(f"round {k}: {len(chosen)} labels, random {scores}, active {al_curve[-1][1]}",
-              flush=True)  # fmt: skip
+              file=sys.stderr, flush=True)  # fmt: skip
     pick = args.test
 
     def series(curve):

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/vs_mace")
     parser.add_argument("--config", default="configs/ethanol_xtb.yaml")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     frames = read("datasets/ethanol_train.extxyz", ":")
     train_idx, val_idx = random_split(len(frames), 0.1, 0)  # the split mlforce train uses

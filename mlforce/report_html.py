@@ -195,7 +195,7 @@ def _uncertain_atoms(run_dir: Path, ledger: Path, top: int = 8) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+table{border-collapse:collapse;font-size:.8em;margin:.5em 0;display:block;overflow-x:auto}
 td,th{border:1px solid #ccc;padding:.25em .5em;text-align:right}
 th{background:#f3f3f3}figure{display:inline-block;margin:.5em}
 figcaption{font-size:.8em;color:#555;text-align:center}img{max-width:100%}
