@@ -62,6 +62,20 @@ def score(models, calibration, graphs, t: int, seed: int) -> dict:
     return {**{k: m[k] for k in KEYS}, "_sigma": pred.max_force_std(calibration)}
 
 
+def recalibrate(ckpt, config_path: str) -> dict:
+    """Refit the MC calibration on the validation split the checkpoint was trained with."""
+    from mlforce.data import random_split
+    from mlforce.uncertainty import calibrate
+
+    config = load_config(config_path)
+    frames = read_labelled(config.data.train)
+    _, val_idx = random_split(len(frames), config.training.val_fraction, config.training.seed)
+    graphs = graphs_from_frames([frames[i] for i in val_idx], ckpt.species, ckpt.cutoff,
+                                torch.float32, True)  # fmt: skip
+    u = config.uncertainty
+    return calibrate([ckpt.model], graphs, u.mc_samples, u.seed, u.calibration)
+
+
 def ood_auroc(in_domain: np.ndarray, out_of_domain: np.ndarray) -> float:
     """ROC-AUC of max_force_std for telling out-of-domain structures from in-domain ones."""
     score_ = np.concatenate([in_domain, out_of_domain])
@@ -73,13 +87,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mc", required=True, help="MC-dropout checkpoint (dir or model.pt)")
     parser.add_argument("--ensemble", required=True, help="committee checkpoint")
+    parser.add_argument("--config", default="configs/ethanol_xtb.yaml")
     parser.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--mc-blocks", type=int, default=None,
+                        help="MC dropout only in the last N blocks; recalibrated on the "
+                        "checkpoint's validation split")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     mc, ens = load_checkpoint(args.mc), load_checkpoint(args.ensemble)
+    if args.mc_blocks is not None:
+        mc.model.set_mc_dropout_blocks(args.mc_blocks)
+        mc.calibration = recalibrate(mc, args.config)
     sets = {
         "300K": Path("datasets/ethanol_test_300K.extxyz"),
         "800K": Path("datasets/ethanol_test_800K.extxyz"),
@@ -91,6 +112,7 @@ def main() -> None:
         "mc_training_seconds": mc.metadata.get("training", {}).get("seconds"),
         "ensemble_training_seconds": ens.metadata.get("training", {}).get("seconds"),
         "mc_calibration": mc.calibration,
+        "mc_dropout_blocks": args.mc_blocks,
         "ensemble_calibration": ens.calibration,
     }
     sigmas: dict = {}

@@ -36,6 +36,7 @@ from flows.tasks import (
     label_task,
     seed_task,
     select_task,
+    simulate_lockstep_task,
     simulate_task,
     train_task,
 )
@@ -136,7 +137,10 @@ def active_learning(
             f"round {round_}: trained on {trained['n_train']} labels, validation force MAE "
             f"{trained['val_force_mae']:.4f} eV/Å"
         )
-        walkers = [f.result() for f in simulate_task.map(str(run.root), round_, specs)]
+        if campaign.use_lockstep(cfg):  # one task, all walkers batched (GPU)
+            walkers = simulate_lockstep_task(str(run.root), round_, specs)
+        else:
+            walkers = [f.result() for f in simulate_task.map(str(run.root), round_, specs)]
         files = [w["candidates_file"] for w in walkers]
         chosen = select_task(str(run.root), round_, files)
         labelled = [

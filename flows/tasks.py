@@ -36,6 +36,11 @@ def simulate_task(run_dir: str, round_: int, spec: dict[str, Any]) -> dict[str, 
     return campaign.simulate_walker(campaign.RunDir(_path(run_dir)), round_, spec)
 
 
+@task(name="simulate-lockstep", cache_policy=NO_CACHE, tags=["md"])
+def simulate_lockstep_task(run_dir: str, round_: int, specs: list[dict[str, Any]]) -> list[dict]:
+    return campaign.simulate_walkers(campaign.RunDir(_path(run_dir)), round_, specs)
+
+
 @task(name="select", cache_policy=NO_CACHE)
 def select_task(run_dir: str, round_: int, candidate_files: list[str]) -> dict[str, Any]:
     return campaign.select_frames(campaign.RunDir(_path(run_dir)), round_, candidate_files)

@@ -204,11 +204,18 @@ def walker_specs(config: Config) -> list[dict[str, Any]]:
     return specs
 
 
-def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one walker in collect mode with the round's model; write its candidates."""
+def use_lockstep(config: Config) -> bool:
+    """Whether the round's walkers run in lock-step (``md.lockstep``; auto = on CUDA)."""
+    from mlforce.device import resolve_device
+
+    if config.md.lockstep == "auto":
+        return resolve_device(config.device).type == "cuda"
+    return config.md.lockstep == "on"
+
+
+def _walker_setup(run: RunDir, round_: int) -> tuple[Config, Any, Any, str]:
     from mlforce.calculators.ml import MLForceCalculator
     from mlforce.checkpoint import checkpoint_hash
-    from mlforce.md import load_start_structure, run_walker
 
     config = run.config()
     md = config.md.model_copy(deep=True)
@@ -218,9 +225,22 @@ def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str,
         run.checkpoint(round_), device=config.device, mc_samples=u.mc_samples, seed=u.seed,
         prediction=u.prediction,
     )  # fmt: skip
+    return config, md, calc, "m-" + checkpoint_hash(run.checkpoint(round_))
+
+
+def _walker_result(run: RunDir, round_: int, spec: dict, summary: Any, candidates: list) -> dict:
+    path = run.round_dir(round_) / f"candidates_{spec['walker']}.extxyz"
+    write(path, candidates, format="extxyz")
+    return {**summary.to_dict(), "candidates_file": str(path), "structure": spec["structure"]}
+
+
+def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one walker in collect mode with the round's model; write its candidates."""
+    from mlforce.md import load_start_structure, run_walker
+
+    _, md, calc, model_hash = _walker_setup(run, round_)
     walker = spec["walker"]
     candidates: list[Atoms] = []
-    out = run.round_dir(round_)
     summary = run_walker(
         calc,
         load_start_structure(spec["structure"]),
@@ -229,13 +249,39 @@ def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str,
         seed=md.seed + 1000 * round_ + walker,
         walker=walker,
         iteration=round_,
-        model_hash="m-" + checkpoint_hash(run.checkpoint(round_)),
-        trajectory=out / f"walker_{walker}.extxyz",
+        model_hash=model_hash,
+        trajectory=run.round_dir(round_) / f"walker_{walker}.extxyz",
         candidates=candidates,
     )
-    path = out / f"candidates_{walker}.extxyz"
-    write(path, candidates, format="extxyz")
-    return {**summary.to_dict(), "candidates_file": str(path), "structure": spec["structure"]}
+    return _walker_result(run, round_, spec, summary, candidates)
+
+
+def simulate_walkers(run: RunDir, round_: int, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All walkers of a round in lock-step (one batched model call per MD step).
+
+    Same seeds and outputs as :func:`simulate_walker` for each spec, one after the other.
+    """
+    from mlforce.lockstep import run_walkers
+    from mlforce.md import load_start_structure
+
+    _, md, calc, model_hash = _walker_setup(run, round_)
+    candidates: list[list[Atoms]] = [[] for _ in specs]
+    per_walker = [
+        {"walker": s["walker"], "candidates": c,
+         "trajectory": run.round_dir(round_) / f"walker_{s['walker']}.extxyz"}
+        for s, c in zip(specs, candidates, strict=True)
+    ]  # fmt: skip
+    starts = [load_start_structure(s["structure"]) for s in specs]
+    temperatures = [s["temperature"] for s in specs]
+    seeds = [md.seed + 1000 * round_ + s["walker"] for s in specs]
+    summaries = run_walkers(calc, starts, temperatures, md, seeds, per_walker=per_walker,
+                            iteration=round_, model_hash=model_hash)  # fmt: skip
+    for summary in summaries:  # the walkers shared every batched call: each pays 1/n of it
+        summary.model_seconds /= len(specs)
+    return [
+        _walker_result(run, round_, s, summary, c)
+        for s, summary, c in zip(specs, summaries, candidates, strict=True)
+    ]
 
 
 # --- select -----------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ class ModelConfig(Strict):
     dropout_blocks: int | None = Field(
         None, ge=0, description="dropout only in the last N blocks (None: every block)"
     )
+    mc_dropout_blocks: int | None = Field(
+        None, ge=0, description="MC dropout at inference only in the last N of the blocks "
+        "trained with dropout (None: all of them); 1 ranks errors better (docs/benchmarks.md)",
+    )  # fmt: skip
     dtype: Literal["float32", "float64"] = "float32"
 
 
@@ -220,6 +224,10 @@ class MDConfig(Strict):
     taut_fs: float = Field(100.0, gt=0, description="Berendsen time constant (fs)")
     seed: int = 0
     trajectory_every: int = Field(10, ge=1, description="MD steps between trajectory frames")
+    lockstep: Literal["auto", "on", "off"] = Field(
+        "auto", description="advance all walkers in lock-step, one batched model call per step "
+        "(auto: on when the model runs on CUDA; on CPU walkers run one by one)",
+    )  # fmt: skip
     triggers: TriggerConfig = Field(default_factory=TriggerConfig)
     guards: GuardConfig = Field(default_factory=GuardConfig)
 

@@ -137,8 +137,9 @@ def batch_graphs(graphs: Sequence[Data]) -> GraphView:
     graphs = list(graphs)
     if not graphs:
         raise ValueError("batch_graphs needs at least one graph")
+    device = graphs[0].pos.device  # CPU graphs, or graphs already moved to a GPU
     counts = [int(g.num_nodes) for g in graphs]
-    offsets = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    offsets = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)
     edges = [g.edge_index.shape[1] for g in graphs]
     fields: dict[str, torch.Tensor | int] = {
         "pos": torch.cat([g.pos for g in graphs]),
@@ -146,11 +147,13 @@ def batch_graphs(graphs: Sequence[Data]) -> GraphView:
         "numbers": torch.cat([g.numbers for g in graphs]),
         "local_atom": torch.cat([g.local_atom for g in graphs]),
         "edge_index": torch.cat([g.edge_index for g in graphs], dim=1)
-        + offsets.repeat_interleave(torch.tensor(edges)),
+        + offsets.repeat_interleave(torch.tensor(edges, device=device)),
         "cell_shift": torch.cat([g.cell_shift for g in graphs]),
         "cell": torch.cat([g.cell for g in graphs]),
         "pbc": torch.cat([g.pbc for g in graphs]),
-        "batch": torch.arange(len(graphs)).repeat_interleave(torch.tensor(counts)),
+        "batch": torch.arange(len(graphs), device=device).repeat_interleave(
+            torch.tensor(counts, device=device)
+        ),
         "num_graphs": len(graphs),
     }
     if all("energy_ref" in g for g in graphs):

@@ -70,6 +70,8 @@ class ForceField(nn.Module):
             cfg.blocks if cfg.dropout_blocks is None else min(cfg.dropout_blocks, cfg.blocks)
         )
         self.first_dropout_block = cfg.blocks - n_dropout
+        n_mc = n_dropout if cfg.mc_dropout_blocks is None else min(cfg.mc_dropout_blocks, n_dropout)
+        self.first_mc_block = cfg.blocks - n_mc  # stochastic blocks in eval mode (MC sampling)
         self.reset_parameters()
         if cfg.dtype == "float64":
             self.double()
@@ -84,10 +86,21 @@ class ForceField(nn.Module):
     def has_dropout(self) -> bool:
         """True when some dropout rate is non-zero (MC sampling gives a non-zero spread)."""
         c = self.config
-        blocks_with = c.blocks - self.first_dropout_block
+        blocks_with = c.blocks - self.first_stochastic_block
         return (blocks_with > 0 and (c.node_dropout > 0 or c.edge_dropout > 0)) or (
             c.readout_dropout > 0
         )
+
+    def set_mc_dropout_blocks(self, n: int | None) -> None:
+        """Change where MC dropout acts at inference (refit the calibration afterwards)."""
+        self.config = self.config.model_copy(update={"mc_dropout_blocks": n})
+        n_dropout = self.config.blocks - self.first_dropout_block
+        self.first_mc_block = self.config.blocks - (n_dropout if n is None else min(n, n_dropout))
+
+    @property
+    def first_stochastic_block(self) -> int:
+        """First block with dropout: as trained in train mode, ``mc_dropout_blocks`` in eval."""
+        return self.first_dropout_block if self.training else self.first_mc_block
 
     def fit_shift_scale(
         self, numbers: Sequence[np.ndarray], energies: Sequence[float], forces: np.ndarray
@@ -121,7 +134,9 @@ class ForceField(nn.Module):
 
         ``positions`` (n, 3) and ``cell`` (B, 3, 3) replace the graph's own (forces and stress
         are gradients with respect to them). ``dropout`` switches dropout on with the given
-        keys; ``None`` gives the deterministic model whatever ``self.training`` says.
+        keys; ``None`` gives the deterministic model whatever ``self.training`` says. With keys,
+        ``self.training`` picks only *where* dropout acts: the trained blocks in train mode,
+        the last ``mc_dropout_blocks`` of them in eval mode (MC sampling).
         """
         cfg = self.config
         pos = graph.pos if positions is None else positions
@@ -136,8 +151,9 @@ class ForceField(nn.Module):
         s = self.embedding(species).to(pos.dtype)
         v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=pos.dtype, device=pos.device)
         ctx = _Context(dropout, batch, graph.local_atom)
+        first_stochastic = self.first_stochastic_block
         for b, block in enumerate(self.blocks):
-            stochastic = b >= self.first_dropout_block
+            stochastic = b >= first_stochastic
             weight = None
             if stochastic:
                 weight = edge_weights(

@@ -129,3 +129,29 @@ def test_masks_do_not_leak_across_graphs(ethanol):
                            for a in (other, ethanol, third)])  # fmt: skip
         together = model(g2, dropout=DropoutKeys(torch.tensor([5, 31, 77])))
     assert torch.allclose(together[1], alone[0], atol=1e-12, rtol=0)
+
+
+def test_mc_dropout_blocks_moves_dropout_at_inference_only(ethanol):
+    """``mc_dropout_blocks``: training keeps every block stochastic, MC uses the last N."""
+    from mlforce.model import ForceField
+
+    torch.manual_seed(0)
+    base = make_model(node=0.2, edge=0.2, blocks=3)
+    variants = {}
+    for n in (None, 1, 0):
+        cfg = base.config.model_copy(update={"mc_dropout_blocks": n})
+        m = ForceField(base.species, cfg).double()
+        m.load_state_dict(base.state_dict())
+        variants[n] = m.eval()
+    g = _graph(ethanol, base)
+    keys = DropoutKeys(torch.tensor([5]))
+    with torch.no_grad():
+        e = {n: m(g, dropout=keys) for n, m in variants.items()}
+        e_det = base(g)
+        variants[0].train()
+        e_train0 = variants[0](g, dropout=keys)
+        variants[0].eval()
+    assert torch.equal(e[0], e_det)  # no MC block: the deterministic model
+    assert not variants[0].has_dropout and variants[1].has_dropout
+    assert torch.equal(e_train0, e[None])  # train mode: every block, as trained
+    assert not torch.equal(e[1], e[None]) and not torch.equal(e[1], e_det)

@@ -1,0 +1,147 @@
+"""Several MD walkers advanced in lock-step, their model calls batched into one pass per step.
+
+On a GPU one MC-dropout pass over 64 small molecules costs about what one molecule costs, so
+walkers should not be evaluated one by one. Each walker still runs the ordinary
+:func:`mlforce.md.run_walker` (ASE dynamics through ``dyn.irun``, triggers, rollbacks, labels),
+in its own thread, with a :class:`LockstepCalculator` in place of the model calculator. When a
+walker's integrator asks for forces, its calculator hands the structure to a shared
+:class:`Lockstep` and waits; once every live walker has handed one in, the last one runs
+:meth:`MLForceCalculator.predict` on all of them in one batched call (MC dropout for all of
+them if any walker is at a check step) and wakes the others. A walker that finishes or fails
+leaves the group and is no longer waited for; a walker that is labelling (the reference runs in
+its own thread) is waited for, so all walkers stay at the same step.
+
+Results equal one-by-one evaluation: dropout masks are keyed per structure in the batch (see
+:mod:`mlforce.nn.dropout`), so batching changes no sample. On CPU lock-step gains little (the
+pass is compute-bound); :func:`run_walkers` with ``lockstep=False`` runs walkers one by one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from mlforce.calculators.ml import MLForceCalculator
+from mlforce.config import MDConfig
+from mlforce.md import WalkerSummary, run_walker
+
+
+class Lockstep:
+    """Collects one structure per live walker, then evaluates them all in one batched call."""
+
+    def __init__(self, calc: MLForceCalculator, walkers: int) -> None:
+        self.calc = calc
+        self.live = walkers
+        self.cond = threading.Condition()
+        self.pending: dict[int, tuple[Atoms, bool]] = {}
+        self.ready: dict[int, dict[str, Any] | BaseException] = {}
+        self.batches = 0  # batched calls made (one per lock-step, for benchmarks)
+        self.structures = 0  # structures evaluated in them
+
+    def evaluate(self, walker: int, atoms: Atoms, uncertainty: bool) -> dict[str, Any]:
+        """Results for ``atoms`` from the next batched call (blocks until it has run)."""
+        with self.cond:
+            self.pending[walker] = (atoms.copy(), uncertainty)
+            self._flush_if_full()
+            while walker not in self.ready:
+                self.cond.wait()
+            out = self.ready.pop(walker)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def leave(self) -> None:
+        """A walker is done: stop waiting for it."""
+        with self.cond:
+            self.live -= 1
+            self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
+        if not self.pending or len(self.pending) < self.live:
+            return
+        walkers = list(self.pending)
+        structures = [self.pending[w][0] for w in walkers]
+        self.calc.uncertainty = any(self.pending[w][1] for w in walkers)
+        self.pending.clear()
+        try:
+            with torch.inference_mode(False):
+                results: Sequence[dict[str, Any] | BaseException] = self.calc.predict(structures)
+        except BaseException as exc:  # every waiting walker gets the error
+            results = [exc] * len(walkers)
+        self.batches += 1
+        self.structures += len(walkers)
+        for w, r in zip(walkers, results, strict=True):
+            self.ready[w] = r
+        self.cond.notify_all()
+
+
+class LockstepCalculator(Calculator):
+    """One walker's view of a :class:`Lockstep` group: an ASE calculator like the model's."""
+
+    implemented_properties = MLForceCalculator.implemented_properties
+
+    def __init__(self, group: Lockstep, walker: int) -> None:
+        super().__init__()
+        self.group, self.walker = group, walker
+        self.checkpoint = group.calc.checkpoint
+        self.prediction = group.calc.prediction
+        self.uncertainty = True
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] | None = None,
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties or ["energy"], system_changes)
+        self.results = self.group.evaluate(self.walker, self.atoms, self.uncertainty)
+        if not self.atoms.pbc.any():
+            self.results.pop("stress", None)
+
+
+def run_walkers(
+    calc: MLForceCalculator,
+    starts: Sequence[Atoms],
+    temperatures: Sequence[float],
+    md: MDConfig,
+    seeds: Sequence[int],
+    *,
+    lockstep: bool = True,
+    per_walker: Sequence[dict[str, Any]] | None = None,
+    **common: Any,
+) -> list[WalkerSummary]:
+    """Run ``len(starts)`` walkers with :func:`run_walker`; in lock-step (batched) or one by one.
+
+    ``per_walker[i]`` holds keyword arguments for walker ``i`` only (``trajectory``,
+    ``candidates``, ``walker``); ``common`` those for all. Each ``starts[i]`` is advanced in
+    place. Summaries come back in walker order. Same seeds, same trajectories either way.
+    """
+    n = len(starts)
+    if not (len(temperatures) == len(seeds) == n):
+        raise ValueError("starts, temperatures and seeds must have the same length")
+    per_walker = per_walker or [{} for _ in range(n)]
+    kwargs = [{"walker": i, **common, **per_walker[i]} for i in range(n)]
+    if not lockstep or n == 1:
+        return [
+            run_walker(calc, starts[i], temperatures[i], md, seed=seeds[i], **kwargs[i])
+            for i in range(n)
+        ]
+    group = Lockstep(calc, n)
+
+    def one(i: int) -> WalkerSummary:
+        try:
+            return run_walker(
+                LockstepCalculator(group, i),  # type: ignore[arg-type]
+                starts[i], temperatures[i], md, seed=seeds[i], **kwargs[i],
+            )  # fmt: skip
+        finally:
+            group.leave()
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="walker") as pool:
+        return list(pool.map(one, range(n)))
