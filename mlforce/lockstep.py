@@ -102,9 +102,8 @@ class LockstepCalculator(Calculator):
         system_changes: Sequence[str] = all_changes,
     ) -> None:
         super().calculate(atoms, properties or ["energy"], system_changes)
+        # predict() adds stress only for periodic batches (a batch is all one or the other)
         self.results = self.group.evaluate(self.walker, self.atoms, self.uncertainty)
-        if not self.atoms.pbc.any():
-            self.results.pop("stress", None)
 
 
 def run_walkers(
