@@ -80,7 +80,7 @@ def main() -> None:
     ):
         det = calc(uncertainty=False)
         row = {"deterministic_ms": median_ms(lambda d=det, s=structures: d.predict(s), repeats)}
-        for t in (8, 16, 32):
+        for t in (8, 16, 32, 64):
             c = calc(mc_samples=t)
             row[f"mc{t}_batched_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
 
@@ -100,6 +100,7 @@ def main() -> None:
         row["mc16_batched_over_loop"] = row["mc16_batched_ms"] / row["mc16_loop_ms"]
         row["mc8_batched_over_deterministic"] = row["mc8_batched_ms"] / d
         row["mc32_batched_over_deterministic"] = row["mc32_batched_ms"] / d
+        row["mc64_batched_over_deterministic"] = row["mc64_batched_ms"] / d
         results[name] = row
     print(json.dumps(results, indent=1))
 

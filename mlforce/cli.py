@@ -109,7 +109,11 @@ def run_evaluation(
     if not ckpt.is_ensemble and not ckpt.model.has_dropout:
         raise MlforceError(f"{ckpt.path}: the model has no dropout, so MC sampling gives no spread")
     seed = 0 if seed is None else seed
-    pred = predict_dataset(ckpt.models, graphs, mc_samples or 16, seed)
+    if mc_samples is None:
+        from mlforce.calculators.ml import default_mc_samples
+
+        mc_samples = default_mc_samples(ckpt)
+    pred = predict_dataset(ckpt.models, graphs, mc_samples, seed)
     metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
     metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"
     return metrics

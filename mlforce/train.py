@@ -275,6 +275,8 @@ def train_models(
     if len(members) > 1 or members[0].has_dropout:
         val_device = [g.to(device) for g in val_graphs]
         calibration = calibrate(members, val_device, u.mc_samples, u.seed, u.calibration)
+        if len(members) == 1:
+            calibration["mc_samples"] = u.mc_samples  # the T the scale was fitted with
         log(f"uncertainty calibration on {len(val_graphs)} validation frames: {calibration}")
     return TrainResult(members, metrics, histories, calibration)
 

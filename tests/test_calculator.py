@@ -72,6 +72,19 @@ def test_zero_dropout_gives_zero_std(tmp_path, ethanol):
     assert np.all(r["forces_std"] == 0.0) and r["max_force_std"] == 0.0
 
 
+def test_default_samples_are_the_ones_the_calibration_was_fitted_with(tmp_path, ethanol):
+    model = make_model(node=0.15, edge=0.15, cutoff=4.5)
+    fitted = save_checkpoint(
+        tmp_path / "a", model, calibration={"method": "scale", "scale": 1.0, "mc_samples": 5}
+    )
+    calc = MLForceCalculator(fitted, device="cpu")
+    assert calc.mc_samples == 5
+    assert calc.predict([ethanol])[0]["forces_samples"].shape == (5, len(ethanol), 3)
+    older = save_checkpoint(tmp_path / "b", model, calibration={"method": "scale", "scale": 1.0})
+    assert MLForceCalculator(older, device="cpu").mc_samples == 16
+    assert MLForceCalculator(fitted, device="cpu", mc_samples=3).mc_samples == 3
+
+
 def test_same_seed_same_uncertainty(dropout_ckpt, ethanol):
     a = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8, seed=3).predict([ethanol])
     b = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8, seed=3).predict([ethanol])

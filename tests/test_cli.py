@@ -11,7 +11,9 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
+from mlforce.checkpoint import load_checkpoint
 from mlforce.cli import main
+from mlforce.config import load_config
 from tests.conftest import ROOT
 
 SMALL = [
@@ -50,6 +52,10 @@ def test_generate_writes_labelled_extxyz(small_run):
 def test_train_and_evaluate_json(small_run, capsys):
     out, _ = small_run
     assert (out / "m" / "model.pt").is_file()
+    # the checkpoint records the T its σ scale was fitted with (the config's mc_samples)
+    calibration = load_checkpoint(out / "m").calibration
+    config = load_config(ROOT / "configs" / "ethanol_xtb.yaml")
+    assert calibration["mc_samples"] == config.uncertainty.mc_samples
     capsys.readouterr()
     test_file = out / "data" / "ethanol_test_300K.extxyz"
     assert main(["evaluate", str(out / "m"), str(test_file), "--json"]) == 0

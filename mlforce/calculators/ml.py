@@ -37,8 +37,17 @@ from mlforce.uncertainty import Prediction, apply_calibration, committee_predict
 _VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
 
 
+def default_mc_samples(checkpoint: Checkpoint) -> int:
+    """T recorded with the checkpoint's calibration (the one its σ scale fits), else 16."""
+    return int(checkpoint.calibration.get("mc_samples", 16))
+
+
 class MLForceCalculator(Calculator):
-    """``MLForceCalculator(checkpoint, device="auto", mc_samples=16, ...)``."""
+    """``MLForceCalculator(checkpoint, device="auto", mc_samples=None, ...)``.
+
+    ``mc_samples=None`` uses the T the checkpoint's calibration was fitted with (the training
+    config's ``uncertainty.mc_samples``; 16 for checkpoints that do not record it).
+    """
 
     implemented_properties = [
         "energy",
@@ -57,7 +66,7 @@ class MLForceCalculator(Calculator):
         self,
         checkpoint: str | Path | Checkpoint,
         device: str = "auto",
-        mc_samples: int = 16,
+        mc_samples: int | None = None,
         seed: int = 0,
         prediction: str = "deterministic",
         uncertainty: bool = True,
@@ -74,6 +83,8 @@ class MLForceCalculator(Calculator):
             checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         )
         self.checkpoint.to(self.device)
+        if mc_samples is None:
+            mc_samples = default_mc_samples(self.checkpoint)
         if uncertainty and not self.checkpoint.is_ensemble and mc_samples < 2:
             raise ConfigError(f"uncertainty needs mc_samples >= 2, got {mc_samples}")
         if prediction == "mc_mean" and not uncertainty:
