@@ -57,6 +57,11 @@ class Checkpoint:
         return self.models[0].species
 
     @property
+    def mc_samples(self) -> int:
+        """MC samples T the calibration was fitted with (its σ scale fits that T); else 16."""
+        return int(self.calibration.get("mc_samples", 16))
+
+    @property
     def cutoff(self) -> float:
         return self.models[0].cutoff
 

@@ -110,9 +110,7 @@ def run_evaluation(
         raise MlforceError(f"{ckpt.path}: the model has no dropout, so MC sampling gives no spread")
     seed = 0 if seed is None else seed
     if mc_samples is None:
-        from mlforce.calculators.ml import default_mc_samples
-
-        mc_samples = default_mc_samples(ckpt)
+        mc_samples = ckpt.mc_samples
     pred = predict_dataset(ckpt.models, graphs, mc_samples, seed)
     metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
     metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"

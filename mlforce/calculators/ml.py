@@ -37,11 +37,6 @@ from mlforce.uncertainty import Prediction, apply_calibration, committee_predict
 _VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
 
 
-def default_mc_samples(checkpoint: Checkpoint) -> int:
-    """T recorded with the checkpoint's calibration (the one its σ scale fits), else 16."""
-    return int(checkpoint.calibration.get("mc_samples", 16))
-
-
 class MLForceCalculator(Calculator):
     """``MLForceCalculator(checkpoint, device="auto", mc_samples=None, ...)``.
 
@@ -84,7 +79,7 @@ class MLForceCalculator(Calculator):
         )
         self.checkpoint.to(self.device)
         if mc_samples is None:
-            mc_samples = default_mc_samples(self.checkpoint)
+            mc_samples = self.checkpoint.mc_samples
         if uncertainty and not self.checkpoint.is_ensemble and mc_samples < 2:
             raise ConfigError(f"uncertainty needs mc_samples >= 2, got {mc_samples}")
         if prediction == "mc_mean" and not uncertainty:
