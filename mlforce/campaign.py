@@ -287,23 +287,12 @@ def simulate_walkers(run: RunDir, round_: int, specs: list[dict[str, Any]]) -> l
 # --- select -----------------------------------------------------------------------------------
 
 
-def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[str, Any]:
-    """Deduplicate candidates, drop labelled ones, choose a diverse set within the budget.
+def _new_frames(paths: list[str | Path], known: Any, seen: set[str]) -> list[Atoms]:
+    """Frames of these extxyz files whose structures are neither labelled nor already seen."""
+    from mlforce.store import structure_hash
 
-    Audit frames are all kept (they measure the model where it is confident); uncertainty
-    candidates are chosen by farthest-point sampling on sorted inverse distances, starting
-    from the highest σ, up to the round's remaining label budget.
-    """
-    from mlforce.selection import distance_descriptor, farthest_point_selection
-    from mlforce.store import LabelStore, structure_hash
-
-    config = run.config()
-    al = config.active_learning
-    store = LabelStore(run.ledger)
-    known = store.hashes()
-    seen: set[str] = set()
-    pool: list[Atoms] = []
-    for path in candidate_files:
+    out: list[Atoms] = []
+    for path in paths:
         if not Path(path).is_file() or Path(path).stat().st_size == 0:
             continue
         for frame in read(path, ":"):
@@ -311,17 +300,88 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
             if h in known or h in seen:
                 continue
             seen.add(h)
-            pool.append(frame)
+            out.append(frame)
+    return out
+
+
+def learned_descriptors(checkpoint: str | Path, frames: list[Atoms]) -> np.ndarray:
+    """(N, S * F) per-structure descriptors from a checkpoint's own features (first member)."""
+    from mlforce.checkpoint import load_checkpoint
+    from mlforce.data import graphs_from_frames
+    from mlforce.graph import batch_graphs
+    from mlforce.selection import pooled_descriptor
+
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.model
+    dtype = next(model.parameters()).dtype
+    graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
+    out = []
+    for lo in range(0, len(graphs), 64):
+        chunk = graphs[lo : lo + 64]
+        batch = batch_graphs(chunk)
+        features = model.atom_features(batch).double().numpy()
+        cuts = np.cumsum([g.pos.shape[0] for g in chunk])[:-1]
+        for f, z in zip(np.split(features, cuts), np.split(batch.numbers.numpy(), cuts)):
+            out.append(pooled_descriptor(f, z, ckpt.species))
+    return np.array(out)
+
+
+def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[str, Any]:
+    """Deduplicate candidates, drop labelled ones, choose a batch within the budget.
+
+    Audit frames are all kept (they measure the model where it is confident). The rest follows
+    ``active_learning.selection``:
+
+    * ``uncertainty``: among the frames the walkers flagged (σ above the threshold), k-means in
+      the round model's learned features with one cluster per label, the most uncertain frame
+      of each cluster (:func:`mlforce.selection.cluster_selection`);
+    * ``uncertainty_fps``: the highest σ first, then farthest-point sampling on sorted inverse
+      distances;
+    * ``random``: as many frames as ``uncertainty`` would take, drawn uniformly from every frame
+      the walkers visited (their trajectories; guard frames excepted): the baseline that
+      asks whether σ chooses better than chance among the same kind of frames.
+    """
+    from mlforce.selection import (
+        cluster_selection,
+        distance_descriptor,
+        farthest_point_selection,
+        random_selection,
+    )
+    from mlforce.store import LabelStore, structure_hash
+
+    config = run.config()
+    al = config.active_learning
+    store = LabelStore(run.ledger)
+    known = store.hashes()
+    seen: set[str] = set()
+    pool = _new_frames(candidate_files, known, seen)
     remaining = max(0, al.total_label_budget - len(store))
     budget = min(al.labels_per_round, remaining)
     audits = [f for f in pool if f.info.get("trigger") == "audit"][:budget]
     others = [f for f in pool if f.info.get("trigger") != "audit"]
-    chosen_idx = farthest_point_selection(
-        [distance_descriptor(f) for f in others],
-        [float(f.info.get("max_force_std", 0.0)) for f in others],
-        budget - len(audits),
-    )
-    selected = audits + [others[i] for i in chosen_idx]
+    wanted = min(budget - len(audits), len(others))
+    sigma = [float(f.info.get("max_force_std", 0.0)) for f in others]
+    seed = config.md.seed + 7919 * round_
+    if al.selection == "random":
+        visited: list[Atoms] = []
+        taken = {structure_hash(a) for a in audits}
+        for path in sorted(run.round_dir(round_).glob("walker_*.extxyz")):
+            for frame in _new_frames([path], known, taken):
+                if not str(frame.info.get("decision", "")).startswith("guard"):
+                    walker = int(path.stem.removeprefix("walker_"))
+                    frame.info = {"md_step": frame.info.get("md_step"), "walker": walker,
+                                  "time_fs": frame.info.get("time_fs")}  # fmt: skip
+                    visited.append(frame)
+        picked = [visited[i] for i in random_selection(len(visited), wanted, seed)]
+        for frame in picked:
+            frame.info.update(trigger="random", iteration=round_)
+        selected = audits + picked
+    elif al.selection == "uncertainty_fps":
+        descriptors = [distance_descriptor(f) for f in others]
+        selected = audits + [others[i] for i in farthest_point_selection(descriptors, sigma, wanted)]
+    else:
+        descriptors = learned_descriptors(run.checkpoint(round_), others) if others else []
+        selected = audits + [others[i] for i in cluster_selection(descriptors, sigma, wanted, seed)]
     path = run.round_dir(round_) / "selected.extxyz"
     write(path, selected, format="extxyz")
     return {"selected_file": str(path), "n_candidates": len(pool), "n_selected": len(selected)}
@@ -402,7 +462,10 @@ def evaluate_round(
 
 
 def test_errors(checkpoint: str, files: list[str]) -> dict[str, float]:
-    """Deterministic force MAE (eV/Å) of a checkpoint on each labelled test file."""
+    """Deterministic force MAE (eV/Å) of a checkpoint on each labelled test file.
+
+    A committee checkpoint is scored by its members' mean (what its calculator predicts).
+    """
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames, read_labelled
     from mlforce.evaluate import evaluate_graphs
@@ -412,7 +475,7 @@ def test_errors(checkpoint: str, files: list[str]) -> dict[str, float]:
     out = {}
     for f in files:
         graphs = graphs_from_frames(read_labelled(f), ckpt.species, ckpt.cutoff, dtype, True)
-        out[Path(f).stem] = evaluate_graphs(ckpt.model, graphs)["force_mae"]
+        out[Path(f).stem] = evaluate_graphs(ckpt.models, graphs)["force_mae"]
     return out
 
 

@@ -85,13 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluation(
-    checkpoint: str, data: str, mc_samples: int | None = None, seed: int | None = None
+    checkpoint: str, data: str, mc_samples: int | str | None = None, seed: int | None = None
 ) -> dict:
     """Metrics of a checkpoint on a labelled structure file.
 
     Always: the deterministic model's errors (a committee's mean). With ``mc_samples`` (or a
     committee checkpoint) also the uncertainty quality: ``spearman_max_force``,
     ``auroc_top10``, ``miscalibration_area`` (calibrated) and ``mean_max_force_std``.
+    ``mc_samples="auto"`` samples the T the checkpoint's calibration was fitted with.
     """
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames, read_labelled
@@ -99,6 +100,13 @@ def run_evaluation(
     from mlforce.uncertainty import predict_dataset
 
     ckpt = load_checkpoint(checkpoint)
+    if mc_samples == "auto":
+        mc_samples = ckpt.mc_samples
+    elif isinstance(mc_samples, str):
+        try:
+            mc_samples = int(mc_samples)
+        except ValueError:
+            raise MlforceError(f"--mc-samples: a number or 'auto', got {mc_samples!r}") from None
     frames = read_labelled(data)
     dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, with_labels=True)
@@ -350,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="extxyz file with reference energy and forces")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
-        "--mc-samples", type=int, metavar="T",
-        help="MC-dropout samples: adds uncertainty-quality metrics (committees: always)",
+        "--mc-samples", nargs="?", const="auto", metavar="T",
+        help="MC-dropout samples: adds uncertainty-quality metrics (committees: always); "
+        "alone or 'auto': the T the checkpoint was calibrated with",
     )  # fmt: skip
     p.add_argument("--seed", type=int, help="seed of the MC dropout masks (default 0)")
     p.set_defaults(func=cmd_evaluate)

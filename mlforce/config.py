@@ -279,6 +279,13 @@ class ActiveLearningConfig(Strict):
     test_files: list[str] = Field(
         default_factory=list, description="labelled extxyz files the final model is scored on"
     )
+    selection: Literal["uncertainty", "uncertainty_fps", "random"] = Field(
+        "uncertainty",
+        description="which frames a round labels: uncertainty (flagged frames, k-means in the "
+        "model's learned features, the most uncertain of each cluster), uncertainty_fps "
+        "(highest σ, then farthest points on inverse distances), random (as many frames as "
+        "uncertainty would take, uniformly from every frame the walkers visited)",
+    )
 
 
 class Config(Strict):

@@ -57,9 +57,18 @@ def force_metrics(
     }
 
 
-def evaluate_graphs(model: ForceField, graphs: Sequence[Data], batch_size: int = 32) -> dict:
-    """Metrics of the deterministic model on labelled graphs (see :func:`force_metrics`)."""
-    energy, forces = predict_graphs(model, graphs, batch_size)
+def evaluate_graphs(
+    model: ForceField | Sequence[ForceField], graphs: Sequence[Data], batch_size: int = 32
+) -> dict:
+    """Metrics of the deterministic model on labelled graphs (see :func:`force_metrics`).
+
+    A sequence of models is a committee: its mean energy and forces are scored (what the
+    calculator predicts with that checkpoint).
+    """
+    models = [model] if isinstance(model, ForceField) else list(model)
+    predictions = [predict_graphs(m, graphs, batch_size) for m in models]
+    energy = np.mean([p[0] for p in predictions], axis=0)
+    forces = [np.mean(fs, axis=0) for fs in zip(*(p[1] for p in predictions))]
     e_ref = np.array([float(g.energy_ref[0]) for g in graphs])
     f_ref = [g.forces_ref.cpu().numpy().astype(np.float64) for g in graphs]
     return force_metrics(energy, forces, e_ref, f_ref)

@@ -138,17 +138,42 @@ class ForceField(nn.Module):
         ``self.training`` picks only *where* dropout acts: the trained blocks in train mode,
         the last ``mc_dropout_blocks`` of them in eval mode (MC sampling).
         """
+        s, ctx = self._scalar_features(graph, positions, cell, dropout)
+        species = graph.species
+        atomic = self.readout(s, ctx, self.config.readout_dropout, READOUT_SITE)
+        atomic = atomic * self.atomic_scale[species].to(atomic.dtype)
+        # The large constant part (per-species shifts, ~ -100 eV/atom) is added in float64 so
+        # float32 models keep meV resolution in total energies.
+        atomic = atomic.to(torch.float64) + self.atomic_shift[species]
+        energy = torch.zeros(_num_graphs(graph), dtype=torch.float64, device=atomic.device)
+        return energy.index_add(0, ctx.batch, atomic)
+
+    def atom_features(self, graph: Any) -> Tensor:
+        """Invariant scalar features (n, F) of the dropout-free model after the last block.
+
+        The model's own learned description of each atom's environment: a descriptor for
+        diversity in selection (:func:`mlforce.selection.structure_descriptors`).
+        """
+        with torch.no_grad():
+            s, _ = self._scalar_features(graph, None, None, None)
+        return s
+
+    def _scalar_features(
+        self,
+        graph: Any,
+        positions: Tensor | None,
+        cell: Tensor | None,
+        dropout: DropoutKeys | None,
+    ) -> tuple[Tensor, _Context]:
         cfg = self.config
         pos = graph.pos if positions is None else positions
         batch = _batch_vector(graph)
-        n_graphs = _num_graphs(graph)
         vec = edge_vectors(graph, pos, cell)
         dist = torch.linalg.norm(vec, dim=1)
         unit = vec / dist.unsqueeze(1)
         basis = self.basis(dist)
         envelope = self.envelope(dist)
-        species = graph.species
-        s = self.embedding(species).to(pos.dtype)
+        s = self.embedding(graph.species).to(pos.dtype)
         v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=pos.dtype, device=pos.device)
         ctx = _Context(dropout, batch, graph.local_atom)
         first_stochastic = self.first_stochastic_block
@@ -164,13 +189,7 @@ class ForceField(nn.Module):
                 s, v, graph.edge_index, basis, envelope, unit, weight, ctx,
                 cfg.node_dropout if stochastic else 0.0,
             )  # fmt: skip
-        atomic = self.readout(s, ctx, cfg.readout_dropout, READOUT_SITE)
-        atomic = atomic * self.atomic_scale[species].to(atomic.dtype)
-        # The large constant part (per-species shifts, ~ -100 eV/atom) is added in float64 so
-        # float32 models keep meV resolution in total energies.
-        atomic = atomic.to(torch.float64) + self.atomic_shift[species]
-        energy = torch.zeros(n_graphs, dtype=torch.float64, device=atomic.device)
-        return energy.index_add(0, batch, atomic)
+        return s, ctx
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description: everything needed to rebuild the module."""

@@ -6,6 +6,7 @@ functions numbers and act on the answers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -133,3 +134,66 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         return float("inf")
     return float(np.linalg.norm(a - b))
+
+
+# --- batch selection strategies (``active_learning.selection``) --------------------------------
+
+SELECTIONS = ("uncertainty", "uncertainty_fps", "random")
+
+
+def pooled_descriptor(atom_features: np.ndarray, numbers: np.ndarray, species: Sequence[int]):
+    """Per-structure descriptor (len(species) * F,): the mean learned feature of each element.
+
+    ``atom_features`` (n, F): the model's invariant features (:meth:`ForceField.atom_features`);
+    ``numbers`` (n,): atomic numbers. Elements absent from the structure contribute zeros, so
+    structures of different compositions are comparable.
+    """
+    features = np.asarray(atom_features, dtype=np.float64)
+    out = np.zeros((len(species), features.shape[1]))
+    for k, z in enumerate(species):
+        mask = np.asarray(numbers) == z
+        if mask.any():
+            out[k] = features[mask].mean(0)
+    return out.reshape(-1)
+
+
+def cluster_selection(
+    descriptors: np.ndarray, scores: Sequence[float], budget: int, seed: int = 0
+) -> list[int]:
+    """Spread a batch over the candidates: k-means (k = ``budget``), the highest score of each.
+
+    ``descriptors`` (N, D), ``scores`` (N,) (σ, eV/Å). With no more candidates than the budget
+    all are taken. Otherwise the candidates are grouped into ``budget`` clusters in descriptor
+    space (k-means++ seeded with ``seed``, standardised features) and each cluster gives its most
+    uncertain member: one label per region of the visited space, not the budget spent on the
+    many near-copies of the most uncertain region. Returns indices, highest score first.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    scores = np.asarray(scores, dtype=float)
+    n = len(scores)
+    if n == 0 or budget <= 0:
+        return []
+    if n <= budget:
+        return [int(i) for i in np.argsort(-scores, kind="stable")]
+    x = np.asarray(descriptors, dtype=np.float64).reshape(n, -1)
+    spread = x.std(0)
+    x = (x - x.mean(0)) / np.where(spread > 1e-12, spread, 1.0)
+    with warnings.catch_warnings():  # an empty cluster is handled below
+        warnings.simplefilter("ignore")
+        _, label = kmeans2(x, budget, minit="++", seed=np.random.default_rng(seed))
+    chosen = []
+    for cluster in np.unique(label):
+        members = np.flatnonzero(label == cluster)
+        chosen.append(int(members[np.argmax(scores[members])]))
+    if len(chosen) < budget:  # empty clusters: fill with the most uncertain of the rest
+        rest = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in set(chosen)]
+        chosen += rest[: budget - len(chosen)]
+    return sorted(chosen, key=lambda i: -scores[i])
+
+
+def random_selection(n: int, count: int, seed: int) -> list[int]:
+    """``count`` of ``n`` items drawn uniformly without replacement (seeded), in drawn order."""
+    if n <= 0 or count <= 0:
+        return []
+    return [int(i) for i in np.random.default_rng(seed).permutation(n)[: min(count, n)]]

@@ -65,6 +65,22 @@ def test_train_and_evaluate_json(small_run, capsys):
     assert 0 < metrics["force_mae"] <= metrics["force_rmse"]
 
 
+@pytest.mark.parametrize("flag", [["--mc-samples"], ["--mc-samples", "auto"]])
+def test_evaluate_mc_samples_auto_uses_the_checkpoint_t(small_run, capsys, flag):
+    out, _ = small_run
+    t_default = load_checkpoint(out / "m").mc_samples
+    test_file = out / "data" / "ethanol_test_300K.extxyz"
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "m"), str(test_file), *flag, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["uncertainty"] == f"mc_dropout T={t_default}"
+    assert {"force_mae", "spearman_max_force", "auroc_top10", "miscalibration_area"} <= set(metrics)
+    assert main(["evaluate", str(out / "m"), str(test_file), "--mc-samples", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["uncertainty"] == "mc_dropout T=4"
+    assert main(["evaluate", str(out / "m"), str(test_file), "--mc-samples", "x"]) == 2
+    assert "a number or 'auto'" in capsys.readouterr().err
+
+
 def _labelled(atoms, path):
     atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((len(atoms), 3)))
     write(path, atoms, format="extxyz")

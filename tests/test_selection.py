@@ -1,0 +1,108 @@
+"""Batch selection strategies: pure functions, and the campaign's select step on a real run."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+import yaml
+from ase.io import read
+
+from mlforce.campaign import RunDir, select_frames
+from mlforce.graph import atoms_to_graph
+from mlforce.selection import cluster_selection, pooled_descriptor, random_selection
+from mlforce.store import LabelStore, structure_hash
+from tests.conftest import make_model, random_rotation
+
+
+def test_cluster_selection_takes_the_most_uncertain_of_each_region():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.concatenate([c + rng.normal(scale=0.3, size=(20, 2)) for c in centres])
+    sigma = rng.uniform(0.1, 0.2, size=60)
+    sigma[:20] += 1.0  # the first region is the most uncertain everywhere
+    chosen = cluster_selection(x, sigma, budget=3, seed=1)
+    assert len(chosen) == 3
+    assert sorted(i // 20 for i in chosen) == [0, 1, 2]  # one per region, not 3 from region 0
+    for i in chosen:
+        region = slice(20 * (i // 20), 20 * (i // 20) + 20)
+        assert sigma[i] == sigma[region].max()
+    assert chosen[0] == int(np.argmax(sigma))  # highest σ first
+    assert chosen == cluster_selection(x, sigma, budget=3, seed=1)  # seeded
+
+
+def test_cluster_selection_small_pool_and_zero_budget():
+    x = np.arange(8.0).reshape(4, 2)
+    assert cluster_selection(x, [0.1, 0.4, 0.2, 0.3], budget=10) == [1, 3, 2, 0]
+    assert cluster_selection(x, [0.1, 0.4, 0.2, 0.3], budget=0) == []
+    assert cluster_selection(np.zeros((0, 2)), [], budget=5) == []
+    # identical candidates: still exactly `budget` distinct picks
+    picks = cluster_selection(np.zeros((6, 3)), np.linspace(0, 1, 6), budget=3)
+    assert len(set(picks)) == 3
+
+
+def test_random_selection_is_seeded_and_without_replacement():
+    a = random_selection(100, 10, seed=3)
+    assert a == random_selection(100, 10, seed=3) and len(set(a)) == 10
+    assert a != random_selection(100, 10, seed=4)
+    assert sorted(random_selection(5, 10, seed=0)) == [0, 1, 2, 3, 4]
+    assert random_selection(0, 3, seed=0) == []
+
+
+def test_pooled_descriptor_is_invariant_and_per_element(ethanol):
+    model = make_model()
+    species = model.species
+    g = atoms_to_graph(ethanol, species, model.cutoff, torch.float64)
+    rotated = ethanol.copy()
+    rotated.positions = ethanol.positions @ random_rotation(2).T + 1.5
+    perm = np.random.default_rng(0).permutation(len(ethanol))
+    shuffled = rotated[perm]
+    descriptors = []
+    for atoms in (ethanol, rotated, shuffled):
+        graph = atoms_to_graph(atoms, species, model.cutoff, torch.float64)
+        feats = model.atom_features(graph).numpy()
+        descriptors.append(pooled_descriptor(feats, atoms.numbers, species))
+    assert descriptors[0].shape == (len(species) * 16,)
+    np.testing.assert_allclose(descriptors[1], descriptors[0], atol=1e-9)
+    np.testing.assert_allclose(descriptors[2], descriptors[0], atol=1e-9)
+    copper_block = descriptors[0].reshape(len(species), 16)[species.index(29)]
+    assert np.all(copper_block == 0)  # no Cu in ethanol
+    assert model.atom_features(g).requires_grad is False
+
+
+def _with_selection(run_dir, tmp_path, selection):
+    copy = tmp_path / selection
+    shutil.copytree(run_dir, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["active_learning"]["selection"] = selection
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return RunDir(copy)
+
+
+def test_select_step_swaps_strategy_with_one_key(tiny_campaign, tmp_path):
+    run_dir, _ = tiny_campaign
+    counts = {}
+    for selection in ("uncertainty", "uncertainty_fps", "random"):
+        run = _with_selection(run_dir, tmp_path, selection)
+        files = sorted(str(p) for p in (run.root / "round_002").glob("candidates_*.extxyz"))
+        out = select_frames(run, 2, files)
+        frames = read(out["selected_file"], ":") if out["n_selected"] else []
+        counts[selection] = out["n_selected"]
+        known = LabelStore(run.ledger).hashes()
+        hashes = [structure_hash(f) for f in frames]
+        assert len(set(hashes)) == len(hashes) and not set(hashes) & set(known)
+        candidates = {structure_hash(f) for p in files for f in read(p, ":")}
+        visited = {
+            structure_hash(f)
+            for p in (run.root / "round_002").glob("walker_*.extxyz")
+            for f in read(p, ":")
+        }
+        if selection == "random":
+            picked = [f for f in frames if f.info.get("trigger") == "random"]
+            assert all(structure_hash(f) in visited for f in picked)
+            assert all(f.info["iteration"] == 2 and "walker" in f.info for f in picked)
+        else:
+            assert set(hashes) <= candidates
+    # the same number of labels: only which frames differs
+    assert counts["uncertainty"] == counts["random"] == counts["uncertainty_fps"] > 0
