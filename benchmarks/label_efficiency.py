@@ -7,9 +7,9 @@ overrides it names. Then, for each campaign seed, the "random from reference MD"
 same schedule trained on labels drawn at random from a reference-MD pool of the same simulated
 time at the campaign's temperatures (the pool's own reference calls are counted too).
 
-    python benchmarks/label_efficiency.py --out runs/bench/label_efficiency \\
-        --test 300K=datasets/ethanol_test_300K.extxyz --test 800K=datasets/ethanol_test_800K.extxyz \\
-        > runs/bench/label_efficiency.json
+    python benchmarks/label_efficiency.py --out runs/bench/label_efficiency --parallel 2 \\
+        --test 300K=datasets/ethanol_test_300K.extxyz \\
+        --test 800K=datasets/ethanol_test_800K.extxyz > runs/bench/label_efficiency.json
 
 Default strategies (``--strategy NAME=key=value,key=value`` replaces them):
 
@@ -29,6 +29,7 @@ to stderr. ``--plot PNG`` draws the mean curves with their spread.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -112,8 +113,9 @@ def campaign_curve(run_dir: Path, stems: dict[str, str]) -> dict:
     rows = LabelStore(run_dir / "labels.db").rows()
     seed_rows = sum(r.get("trigger") == "seed" for r in rows)
     return {
-        "curve": {name: [(n, s[stem]) for n, s in points if stem in s]
-                  for name, stem in stems.items()},  # fmt: skip
+        "curve": {
+            name: [(n, s[stem]) for n, s in points if stem in s] for name, stem in stems.items()
+        },
         "reference_calls": len(rows) - seed_rows,  # labels the campaign paid for (ok + failed)
         "seed_labels": seed_rows,
         "labels_by_trigger": _count(r.get("trigger") for r in rows),
@@ -161,8 +163,10 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
                 pool += reference_md(start, config.reference, temperature, per_walker, gen,
                                      seed=777 + 100 * seed + 10 * s + t)  # fmt: skip
         write(pool_file, pool, format="extxyz")
-    md_steps = len(config.md.structures) * len(temps) * (
-        gen.equilibration_steps + per_walker * gen.interval
+    md_steps = (
+        len(config.md.structures)
+        * len(temps)
+        * (gen.equilibration_steps + per_walker * gen.interval)
     )
     seeds = read(seed_file, ":")
     order = np.random.default_rng(seed).permutation(len(pool))
@@ -197,7 +201,7 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
 
 def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """Labels at which the curve first reaches ``target`` (linear between points)."""
-    for (n0, m0), (n1, m1) in zip(curve, curve[1:]):
+    for (n0, m0), (n1, m1) in itertools.pairwise(curve):
         if m0 <= target:
             return float(n0)
         if m1 <= target:

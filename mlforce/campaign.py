@@ -378,7 +378,8 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
         selected = audits + picked
     elif al.selection == "uncertainty_fps":
         descriptors = [distance_descriptor(f) for f in others]
-        selected = audits + [others[i] for i in farthest_point_selection(descriptors, sigma, wanted)]
+        chosen = farthest_point_selection(descriptors, sigma, wanted)
+        selected = audits + [others[i] for i in chosen]
     else:
         descriptors = learned_descriptors(run.checkpoint(round_), others) if others else []
         selected = audits + [others[i] for i in cluster_selection(descriptors, sigma, wanted, seed)]
