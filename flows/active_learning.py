@@ -68,9 +68,14 @@ def task_runner(config: Config) -> Any:
         if r.address:
             _check_dask_address(r.address)
             return DaskTaskRunner(address=r.address)
+        # Loopback only: the scheduler, workers and dashboard of a local cluster listen on
+        # 127.0.0.1 (Dask's dashboard binds every interface by default).
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": r.workers, "processes": True, "threads_per_worker": 1}
-        )
+            cluster_kwargs={
+                "n_workers": r.workers, "processes": True, "threads_per_worker": 1,
+                "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0",
+            }
+        )  # fmt: skip
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=r.workers)

@@ -98,8 +98,8 @@ class GenerateConfig(Strict):
     @model_validator(mode="after")
     def _positive_temperatures(self) -> GenerateConfig:
         for t in [*self.temperatures, *self.test_temperatures]:
-            if t <= 0:
-                raise ValueError(f"temperatures must be > 0 K, got {t}")
+            if not 0 < t < float("inf"):
+                raise ValueError(f"temperatures must be finite and > 0 K, got {t}")
         return self
 
 
@@ -234,8 +234,8 @@ class MDConfig(Strict):
     @model_validator(mode="after")
     def _positive_temperatures(self) -> MDConfig:
         for t in self.temperatures:
-            if t <= 0:
-                raise ValueError(f"temperatures must be > 0 K, got {t}")
+            if not 0 < t < float("inf"):
+                raise ValueError(f"temperatures must be finite and > 0 K, got {t}")
         return self
 
 

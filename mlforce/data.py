@@ -29,6 +29,8 @@ def read_structures(path: str | Path) -> list[Atoms]:
         frames = read(str(path), index=":")
     except Exception as err:  # ASE raises many types for malformed files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, KeyError):  # ASE's symbol lookup: an element it does not know
+            msg = f"unknown element symbol {err.args[0]!r}"
         raise StructureError(f"{path}: cannot parse structure file ({msg})") from None
     if isinstance(frames, Atoms):
         frames = [frames]

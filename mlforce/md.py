@@ -78,8 +78,8 @@ class WalkerSummary:
 
 def check_md_inputs(atoms: Atoms, calc: MLForceCalculator, temperature: float) -> None:
     """Clear errors before any step runs: unknown elements, NaN, temperature <= 0."""
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0 K, got {temperature}")
+    if not 0 < temperature < float("inf"):
+        raise ConfigError(f"temperature must be finite and > 0 K, got {temperature}")
     check_atoms(atoms, calc.checkpoint.species, where=atoms.get_chemical_formula())
 
 

@@ -109,7 +109,7 @@ def round_markdown(run: Any, rounds: Sequence[dict[str, Any]]) -> str:
 
 LABEL_COLUMNS = [
     "id", "round", "walker", "md_step", "time_fs", "trigger", "max_force_std", "threshold",
-    "true_max_force_error", "energy", "reference_seconds", "status",
+    "true_max_force_error", "energy", "reference_seconds", "status", "attempts", "error",
 ]  # fmt: skip
 
 

@@ -130,6 +130,22 @@ def validate_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _refuse_foreign_database(path: Path) -> None:
+    """An existing SQLite file with tables of its own, not ASE's, is never written to."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path}: cannot open as a label ledger ({err})") from None
+    if tables and "systems" not in tables:
+        raise StoreError(
+            f"{path}: an SQLite database of something else (tables: {', '.join(sorted(tables))}), "
+            "not a label ledger; refusing to add tables to it"
+        )
+
+
 class _LedgerDatabase(SQLite3Database):
     """ASE's SQLite database whose connections start with ``BEGIN IMMEDIATE`` (the write lock)."""
 
@@ -153,6 +169,7 @@ class LabelStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout_s = timeout_s
+        _refuse_foreign_database(self.path)
         self._db = _LedgerDatabase(str(self.path), timeout_s)
         self._lock = threading.Lock()  # the ASE database object holds one connection at a time
         try:

@@ -103,6 +103,11 @@ def test_broken_file_and_nan_coordinates(small_run, tmp_path, capsys):
     broken.write_text("9\nProperties=species:S:1:pos:R:3 energy=1\nC 0 0\n")
     assert main(["evaluate", str(out / "m"), str(broken)]) == 2
     assert "cannot parse structure file" in capsys.readouterr().err
+    unknown = tmp_path / "xx.xyz"
+    unknown.write_text("2\nunknown element\nXx 0 0 0\nH 0 0 0.74\n")
+    assert main(["evaluate", str(out / "m"), str(unknown)]) == 2
+    err = capsys.readouterr().err
+    assert str(unknown) in err and "unknown element symbol 'Xx'" in err
     from ase.build import molecule
 
     atoms = molecule("CH3CH2OH")

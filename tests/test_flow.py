@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -138,10 +139,34 @@ def test_dask_runner_gives_the_same_number_of_labels(harness, two_rounds, tmp_pa
     from flows.active_learning import run_campaign
 
     threaded_dir, _ = two_rounds
-    run_campaign(TINY, str(tmp_path / "run"), **{"runner.kind": "dask", "runner.workers": 2})
+    listening: set[tuple[str, int]] = set()
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_listening, args=(listening, done), daemon=True)
+    watcher.start()
+    try:
+        run_campaign(TINY, str(tmp_path / "run"), **{"runner.kind": "dask", "runner.workers": 2})
+    finally:
+        done.set()
+        watcher.join()
     dask_rows = LabelStore(tmp_path / "run" / "labels.db").rows(status="ok")
     threaded_rows = LabelStore(threaded_dir / "labels.db").rows(status="ok")
     assert len(dask_rows) == len(threaded_rows)
+    # the flow's sockets (Prefect's server, Dask scheduler, workers, dashboard): loopback only
+    assert len(listening) >= 3, listening
+    exposed = {(ip, port) for ip, port in listening if ip not in ("127.0.0.1", "::1")}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def _watch_listening(found: set, done: threading.Event) -> None:
+    """Every listening TCP socket of this process and its children until ``done``."""
+    import psutil
+
+    me = psutil.Process()
+    while not done.wait(0.2):
+        pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+                found.add((conn.laddr.ip, conn.laddr.port))
 
 
 def test_bad_input_fails_before_any_work(harness, tmp_path):

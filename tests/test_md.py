@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -169,6 +170,18 @@ def test_bad_input_fails_before_any_step(calc, trained_checkpoint, tmp_path, cap
     base = ["md", str(trained_checkpoint), "--structure", structure, "--steps", "5"]
     assert main([*base, "--temperature", "-5"]) == 2
     assert "temperatures" in capsys.readouterr().err
+    for bad in ("inf", "nan"):
+        assert main([*base, "--temperature", bad]) == 2
+        assert "finite and > 0 K" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="finite"):
+        run_walker(calc, molecule("CH4"), float("inf"), md_config())
+    foreign = tmp_path / "someone_elses.sqlite"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE invoices (id INTEGER, total REAL)")
+    before = foreign.read_bytes()
+    assert main([*base, "--store", str(foreign)]) == 2
+    assert "not a label ledger; refusing" in capsys.readouterr().err
+    assert foreign.read_bytes() == before  # not touched
     assert main([*base, "--lower", "3", "--upper", "1"]) == 2
     assert "lower (3.0) must not exceed upper (1.0)" in capsys.readouterr().err
     assert main([*base, "--store", str(tmp_path / "nope" / "labels.db")]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mlforce.calculators.reference import (
 )
 from mlforce.config import ReferenceConfig, config_from_dict
 from mlforce.errors import ConfigError, ReferenceFailure
+from tests.conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))  # mlforce_test_calcs
 FLAKY = "mlforce_test_calcs:FlakyEMT"
@@ -165,3 +167,27 @@ def test_bad_settings_in_a_config_file_and_at_build_time():
 def test_pyscf_rejects_periodic_cells():
     with pytest.raises(ConfigError, match=r"reference\.kind 'pyscf': periodic cells are not supp"):
         build_reference(ReferenceConfig(kind="pyscf"), bulk("Cu"))
+
+
+@pytest.mark.parametrize("target", ["os:system", "subprocess:run", "builtins:print"])
+def test_a_config_cannot_call_arbitrary_code(tmp_path, target):
+    marker = tmp_path / "pwned"
+    settings = {"kind": "ase", "calculator": target, "kwargs": {"command": f"touch {marker}"}}
+    with pytest.raises(ConfigError) as err:
+        validate_reference(settings)
+    assert "is not an ASE calculator class" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="is not an ASE calculator class"):
+        build_reference(settings)
+    assert not marker.exists()  # nothing ran
+    config = tmp_path / "evil.yaml"
+    config.write_text(
+        "reference:\n  kind: ase\n"
+        f"  calculator: '{target}'\n  kwargs: {{command: 'touch {marker}'}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlforce.cli", "run", str(config), "--run-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "not an ASE calculator class" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "r").exists()

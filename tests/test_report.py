@@ -100,3 +100,26 @@ def test_report_is_self_contained_and_renders_in_chromium(tiny_campaign, tmp_pat
     rendered = json.loads(found.group(1).replace("&quot;", '"'))
     assert len(rendered) == len(images) >= 7
     assert all(width > 0 for _, width in rendered), rendered
+
+
+def test_labels_show_a_failed_labels_error_and_attempts(tmp_path, capsys):
+    from ase.build import bulk
+
+    from mlforce.labeling import label
+
+    reference = {"kind": "ase", "calculator": "tests.helpers.mlforce_test_calcs:FlakyEMT",
+                 "kwargs": {"mode": "raise"}, "retries": 2}  # fmt: skip
+    ok = bulk("Cu", cubic=True)
+    bad = ok.copy()
+    bad.positions[0, 0] += 0.05
+    ledger = tmp_path / "labels.db"
+    label([ok], {"kind": "emt"}, ledger, {"trigger": "manual"}, progress=False)
+    label([bad], reference, ledger, {"trigger": "manual"}, progress=False)
+    capsys.readouterr()
+    assert main(["labels", str(ledger), "--json", "--status", "failed"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert "synthetic failure" in row["error"]
+    assert main(["labels", str(ledger), "--csv"]) == 0
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header.split(",")[-2:] == ["attempts", "error"] and len(lines) == 2

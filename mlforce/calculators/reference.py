@@ -30,7 +30,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
+from ase.calculators.calculator import (
+    BaseCalculator,
+    CalculationFailed,
+    Calculator,
+    all_changes,
+)
 from ase.units import Bohr, Hartree
 from pydantic import ValidationError
 
@@ -99,8 +104,13 @@ def _import_calculator(path: str, where: str = "reference.calculator") -> type:
         raise ConfigError(
             f"{where}: cannot import {path!r} ({type(err).__name__}: {err})"
         ) from None
-    if not callable(obj):
-        raise ConfigError(f"{where}: {path!r} is not a class or factory")
+    # Only an ASE calculator class: a config must not be able to call any function it names
+    # (``os:system`` with ``kwargs: {command: ...}`` would run a shell command).
+    if not (isinstance(obj, type) and issubclass(obj, BaseCalculator)):
+        raise ConfigError(
+            f"{where}: {path!r} is not an ASE calculator class (a subclass of "
+            "ase.calculators.calculator.Calculator)"
+        )
     return obj
 
 
