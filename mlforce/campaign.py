@@ -332,9 +332,10 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     Audit frames are all kept (they measure the model where it is confident). The rest follows
     ``active_learning.selection``:
 
-    * ``uncertainty``: among the frames the walkers flagged (σ above the threshold), k-means in
-      the round model's learned features with one cluster per label, the most uncertain frame
-      of each cluster (:func:`mlforce.selection.cluster_selection`);
+    * ``uncertainty``: among the frames the walkers flagged (σ above the threshold), the budget
+      shared evenly between walkers, and within each walker k-means in the round model's
+      learned features with one cluster per label, the most uncertain typical frame of each
+      cluster (:func:`mlforce.selection.stratified_selection`);
     * ``uncertainty_fps``: the highest σ first, then farthest-point sampling on sorted inverse
       distances;
     * ``random``: as many frames as ``uncertainty`` would take, drawn uniformly from every frame
@@ -342,10 +343,10 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
       asks whether σ chooses better than chance among the same kind of frames.
     """
     from mlforce.selection import (
-        cluster_selection,
         distance_descriptor,
         farthest_point_selection,
         random_selection,
+        stratified_selection,
     )
     from mlforce.store import LabelStore, structure_hash
 
@@ -382,7 +383,9 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
         selected = audits + [others[i] for i in chosen]
     else:
         descriptors = learned_descriptors(run.checkpoint(round_), others) if others else []
-        selected = audits + [others[i] for i in cluster_selection(descriptors, sigma, wanted, seed)]
+        walkers = [int(f.info.get("walker", 0)) for f in others]
+        chosen = stratified_selection(descriptors, sigma, walkers, wanted, seed)
+        selected = audits + [others[i] for i in chosen]
     path = run.round_dir(round_) / "selected.extxyz"
     write(path, selected, format="extxyz")
     return {"selected_file": str(path), "n_candidates": len(pool), "n_selected": len(selected)}

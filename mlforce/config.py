@@ -281,8 +281,9 @@ class ActiveLearningConfig(Strict):
     )
     selection: Literal["uncertainty", "uncertainty_fps", "random"] = Field(
         "uncertainty",
-        description="which frames a round labels: uncertainty (flagged frames, k-means in the "
-        "model's learned features, the most uncertain of each cluster), uncertainty_fps "
+        description="which frames a round labels: uncertainty (flagged frames, an even share "
+        "per walker, k-means in the model's learned features, the most uncertain typical "
+        "frame of each cluster), uncertainty_fps "
         "(highest σ, then farthest points on inverse distances), random (as many frames as "
         "uncertainty would take, uniformly from every frame the walkers visited)",
     )

@@ -160,13 +160,16 @@ def pooled_descriptor(atom_features: np.ndarray, numbers: np.ndarray, species: S
 def cluster_selection(
     descriptors: np.ndarray, scores: Sequence[float], budget: int, seed: int = 0
 ) -> list[int]:
-    """Spread a batch over the candidates: k-means (k = ``budget``), the highest score of each.
+    """Spread a batch over the candidates: k-means (k = ``budget``), one frame per cluster.
 
     ``descriptors`` (N, D), ``scores`` (N,) (σ, eV/Å). With no more candidates than the budget
     all are taken. Otherwise the candidates are grouped into ``budget`` clusters in descriptor
-    space (k-means++ seeded with ``seed``, standardised features) and each cluster gives its most
-    uncertain member: one label per region of the visited space, not the budget spent on the
-    many near-copies of the most uncertain region. Returns indices, highest score first.
+    space (k-means++ seeded with ``seed``, standardised features), and each cluster gives the
+    most uncertain of its *typical* members (those no farther from the centroid than the
+    cluster's median): one label per region of the visited space, the most uncertain one, but
+    not the far outliers a poor early model flags most (measured: round-1 labels chosen by
+    the highest σ of each cluster had a median true max-force error of 0.9 eV/Å and up to
+    16 eV/Å; they did not lower the test error). Returns indices, highest score first.
     """
     from scipy.cluster.vq import kmeans2
 
@@ -181,14 +184,52 @@ def cluster_selection(
     x = (x - x.mean(0)) / np.where(spread > 1e-12, spread, 1.0)
     with warnings.catch_warnings():  # an empty cluster is handled below
         warnings.simplefilter("ignore")
-        _, label = kmeans2(x, budget, minit="++", seed=np.random.default_rng(seed))
+        centroids, label = kmeans2(x, budget, minit="++", seed=np.random.default_rng(seed))
     chosen = []
     for cluster in np.unique(label):
         members = np.flatnonzero(label == cluster)
-        chosen.append(int(members[np.argmax(scores[members])]))
+        distance = np.linalg.norm(x[members] - centroids[cluster], axis=1)
+        typical = members[distance <= np.median(distance)]
+        chosen.append(int(typical[np.argmax(scores[typical])]))
     if len(chosen) < budget:  # empty clusters: fill with the most uncertain of the rest
-        rest = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in set(chosen)]
+        taken = set(chosen)
+        rest = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in taken]
         chosen += rest[: budget - len(chosen)]
+    return sorted(chosen, key=lambda i: -scores[i])
+
+
+def stratified_selection(
+    descriptors: np.ndarray,
+    scores: Sequence[float],
+    groups: Sequence[int],
+    budget: int,
+    seed: int = 0,
+) -> list[int]:
+    """:func:`cluster_selection` within each group (walker), the budget shared out evenly.
+
+    Each group gets an equal share (groups with fewer candidates give their spare share to the
+    others), so one hot walker whose early model goes astray cannot take a round's whole
+    budget. ``groups`` (N,): the group of each candidate. Returns indices, highest score first.
+    """
+    scores = np.asarray(scores, dtype=float)
+    groups = np.asarray(groups)
+    if len(scores) == 0 or budget <= 0:
+        return []
+    names = sorted(set(groups.tolist()))
+    sizes = {g: int((groups == g).sum()) for g in names}
+    share = {g: 0 for g in names}
+    left = min(budget, len(scores))
+    while left > 0:  # one at a time to the open group with the smallest share
+        open_ = [g for g in names if share[g] < sizes[g]]
+        g = min(open_, key=lambda k: (share[k], names.index(k)))
+        share[g] += 1
+        left -= 1
+    x = np.asarray(descriptors, dtype=np.float64).reshape(len(scores), -1)
+    chosen: list[int] = []
+    for k, g in enumerate(names):
+        members = np.flatnonzero(groups == g)
+        picks = cluster_selection(x[members], scores[members], share[g], seed + k)
+        chosen += [int(members[i]) for i in picks]
     return sorted(chosen, key=lambda i: -scores[i])
 
 

@@ -11,7 +11,12 @@ from ase.io import read
 
 from mlforce.campaign import RunDir, select_frames
 from mlforce.graph import atoms_to_graph
-from mlforce.selection import cluster_selection, pooled_descriptor, random_selection
+from mlforce.selection import (
+    cluster_selection,
+    pooled_descriptor,
+    random_selection,
+    stratified_selection,
+)
 from mlforce.store import LabelStore, structure_hash
 from tests.conftest import make_model, random_rotation
 
@@ -25,10 +30,12 @@ def test_cluster_selection_takes_the_most_uncertain_of_each_region():
     chosen = cluster_selection(x, sigma, budget=3, seed=1)
     assert len(chosen) == 3
     assert sorted(i // 20 for i in chosen) == [0, 1, 2]  # one per region, not 3 from region 0
-    for i in chosen:
-        region = slice(20 * (i // 20), 20 * (i // 20) + 20)
-        assert sigma[i] == sigma[region].max()
-    assert chosen[0] == int(np.argmax(sigma))  # highest σ first
+    for i in chosen:  # the most uncertain of the region's typical (inner-half) members
+        region = np.arange(20 * (i // 20), 20 * (i // 20) + 20)
+        distance = np.linalg.norm(x[region] - x[region].mean(0), axis=1)
+        assert sigma[i] >= np.sort(sigma[region])[-10]
+        assert distance[i % 20] <= np.percentile(distance, 75)
+    assert chosen[0] // 20 == 0  # highest σ first
     assert chosen == cluster_selection(x, sigma, budget=3, seed=1)  # seeded
 
 
@@ -106,3 +113,31 @@ def test_select_step_swaps_strategy_with_one_key(tiny_campaign, tmp_path):
             assert set(hashes) <= candidates
     # the same number of labels: only which frames differs
     assert counts["uncertainty"] == counts["random"] == counts["uncertainty_fps"] > 0
+
+
+def test_cluster_selection_skips_far_outliers_of_a_cluster():
+    rng = np.random.default_rng(1)
+    x = rng.normal(scale=0.2, size=(30, 2))
+    x[7] = [3.0, 3.0]  # an outlier inside the single cluster, and the most uncertain frame
+    sigma = rng.uniform(0.1, 0.2, size=30)
+    sigma[7] = 5.0
+    (pick,) = cluster_selection(x, sigma, budget=1)
+    assert pick != 7
+    typical = np.linalg.norm(x - x.mean(0), axis=1) <= np.median(np.linalg.norm(x, axis=1)) + 0.1
+    assert typical[pick]
+
+
+def test_stratified_selection_shares_the_budget_between_walkers():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 3))
+    groups = np.array([0] * 5 + [1] * 15 + [2] * 40)
+    sigma = np.where(groups == 2, 1.0, 0.1) + rng.uniform(0, 0.05, size=60)
+    chosen = stratified_selection(x, sigma, groups, budget=15, seed=0)
+    counts = np.bincount(groups[chosen], minlength=3)
+    assert counts.tolist() == [5, 5, 5]  # not all 15 from the most uncertain walker
+    chosen = stratified_selection(x, sigma, groups, budget=40, seed=0)
+    assert np.bincount(groups[chosen], minlength=3).tolist() == [5, 15, 20]
+    assert len(set(chosen)) == 40
+    assert stratified_selection(x, sigma, groups, budget=100) == sorted(
+        range(60), key=lambda i: -sigma[i]
+    )
