@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -182,9 +183,16 @@ def run_campaign(
     """Validate the config, pick the task runner it asks for, and run the flow."""
     cfg = load_config(config, overrides or None)  # fail early, before Prefect starts
     validate_reference(cfg.reference)
-    campaign.check_resumable(cfg, run_dir or f"runs/{cfg.name}", force)
+    run_dir = run_dir or f"runs/{cfg.name}"
+    campaign.check_resumable(cfg, run_dir, force)
     runner = task_runner(cfg)
-    return active_learning.with_options(task_runner=runner)(config, run_dir, force, **overrides)
+    with campaign.run_lock(run_dir):  # one campaign per run directory, for the flow's life
+        return active_learning.with_options(task_runner=runner)(config, run_dir, force, **overrides)
+
+
+def _end_group(signum: int, _frame: Any) -> None:
+    """SIGTERM (or the death of `mlforce run`): end the flow with everything it started."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         active_learning.serve(name="mlforce-active-learning")
         return 0
     from mlforce.cli import _parse_overrides
+
+    if os.getpgrp() == os.getpid():  # run by `mlforce run`: this process leads its group
+        signal.signal(signal.SIGTERM, _end_group)
 
     try:
         overrides = _parse_overrides(args.set)

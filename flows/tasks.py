@@ -21,9 +21,7 @@ def _log(msg: str) -> None:
 
 @task(name="seed", cache_policy=NO_CACHE)
 def seed_task(run_dir: str) -> dict[str, Any]:
-    run = campaign.RunDir(_path(run_dir))
-    frames = campaign.seed_frames(run.config())
-    return campaign.label_seed(run, frames)
+    return campaign.label_seed(campaign.RunDir(_path(run_dir)))
 
 
 @task(name="train", cache_policy=NO_CACHE)

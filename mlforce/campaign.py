@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from mlforce.errors import ConfigError, MlforceError
 
 Logger = Callable[[str], None]
 STATE = "state.json"
+LOCK = ".lock"
 CONFIG = "config.yaml"
 LEDGER = "labels.db"
 
@@ -75,6 +77,45 @@ class RunDir:
         tmp = self.root / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.root / STATE)
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run directory for one campaign at a time (an exclusive ``flock`` on RUN/.lock).
+
+    A second holder gets one clear error naming the first one's PID and host. The kernel drops
+    the lock when its process ends however it ends (kill -9 included), so a lock file left by a
+    dead process is taken over without any guessing from its contents. (``flock`` is local to
+    a host on some network file systems: run one campaign per directory there yourself.)
+    """
+    import fcntl
+    import socket
+
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    handle = open(path, "a+")  # closed below, or by the kernel with the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise MlforceError(
+            f"{root} is in use by {holder}; wait for it to end or use another run directory"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(
+        f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
+    handle.flush()
+    try:
+        yield path
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def check_resumable(config: Config, run_dir: str | Path, force: bool = False) -> None:
@@ -357,7 +398,9 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     seen: set[str] = set()
     pool = _new_frames(candidate_files, known, seen)
     remaining = max(0, al.total_label_budget - len(store))
-    budget = min(al.labels_per_round, remaining)
+    # a round redone after a kill during its labelling already holds some of its labels
+    done_this_round = len(store.rows(iteration=round_))
+    budget = max(0, min(al.labels_per_round - done_this_round, remaining))
     audits = [f for f in pool if f.info.get("trigger") == "audit"][:budget]
     others = [f for f in pool if f.info.get("trigger") != "audit"]
     wanted = min(budget - len(audits), len(others))
@@ -368,7 +411,8 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
         taken = {structure_hash(a) for a in audits}
         for path in sorted(run.round_dir(round_).glob("walker_*.extxyz")):
             for frame in _new_frames([path], known, taken):
-                if not str(frame.info.get("decision", "")).startswith("guard"):
+                step = int(frame.info.get("md_step", 0))
+                if step > 0 and not str(frame.info.get("decision", "")).startswith("guard"):
                     walker = int(path.stem.removeprefix("walker_"))
                     frame.info = {"md_step": frame.info.get("md_step"), "walker": walker,
                                   "time_fs": frame.info.get("time_fs")}  # fmt: skip
@@ -406,25 +450,120 @@ def label_frame(run: RunDir, selected_file: str, index: int) -> dict[str, Any]:
     return summary.to_dict()
 
 
-def label_seed(run: RunDir, frames: list[Atoms]) -> dict[str, Any]:
-    """Label the seed frames (trigger ``seed``, round 0); labelled input frames are stored."""
-    from mlforce.calculators.reference import reference_description
-    from mlforce.graph import reference_labels
+def label_seed(run: RunDir, frames: list[Atoms] | None = None) -> dict[str, Any]:
+    """Label the seed (trigger ``seed``, round 0) into the ledger; resumable.
+
+    ``source: md``: the reference MD of :func:`seed_md` (every snapshot stored as it comes,
+    so a killed campaign resumes the MD instead of repeating it). ``rattle``: the displaced
+    frames are labelled like any others (already labelled ones are skipped). ``file``: the
+    given labels are stored. ``frames``: the seed frames (default :func:`seed_frames`;
+    ignored for ``md``).
+    """
     from mlforce.labeling import label
     from mlforce.store import LabelStore
 
     config = run.config()
     store = LabelStore(run.ledger)
     prov = {"iteration": 0, "trigger": "seed"}
-    if frames and frames[0].calc is not None:  # labelled already (seed MD, or a given file)
-        source = config.active_learning.seed.source
-        method = reference_description(config.reference) if source == "md" else "file"
+    if config.active_learning.seed.source == "md":
+        return seed_md(run)
+    frames = seed_frames(config) if frames is None else frames
+    if config.active_learning.seed.source == "file":
+        from mlforce.graph import reference_labels
+
         for atoms in frames:
             e, f = reference_labels(atoms)
             clean = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-            store.add(clean, energy=e, forces=f, reference=method, status="ok", **prov)
+            store.add(clean, energy=e, forces=f, reference="file", status="ok", **prov)
         return {"ok": len(frames), "failed": 0, "skipped": 0, "reference_seconds": 0.0}
     return label(frames, config.reference, store, prov, progress=False).to_dict()
+
+
+SEED_SEGMENT_ATTEMPTS = 3  # tries of one seed-MD segment before the campaign gives up
+
+
+def seed_md(run: RunDir) -> dict[str, Any]:
+    """The seed's reference MD, one walker per start structure, resumable step by step.
+
+    Every snapshot goes into the ledger the moment it exists (provenance ``walker`` = the
+    structure's index, ``md_step``), and after every MD step its state (positions, momenta,
+    the reference energy and forces) replaces RUN/seed_md_K.json. A campaign killed during
+    its seed continues each structure's MD from that state: no finished reference call is
+    made again. Every call is retried like a label
+    (:class:`mlforce.labeling.RetryingReference`); a segment that still fails restarts from
+    the last state with new velocities, up to :data:`SEED_SEGMENT_ATTEMPTS` times.
+    """
+    from mlforce.calculators.reference import reference_description
+    from mlforce.generate import reference_md_frames
+    from mlforce.labeling import RetryingReference
+    from mlforce.md import load_start_structure
+    from mlforce.store import LabelStore
+
+    config = run.config()
+    seed = config.active_learning.seed
+    store = LabelStore(run.ledger)
+    gen = config.data.generate.model_copy(
+        update={"interval": seed.interval, "equilibration_steps": seed.interval}
+    )
+    added, t0, retries = 0, time.perf_counter(), 0
+    for k, path in enumerate(config.md.structures):
+        start = load_start_structure(path)
+        method = reference_description(config.reference, start)
+        state_file = run.root / f"seed_md_{k}.json"
+
+        def save_state(atoms: Atoms, step: int, state_file: Path = state_file) -> None:
+            results = atoms.calc.results
+            state = {"md_step": step, "positions": atoms.positions.tolist(),
+                     "momenta": atoms.get_momenta().tolist(), "energy": results["energy"],
+                     "forces": np.asarray(results["forces"]).tolist()}  # fmt: skip
+            tmp = state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, state_file)
+
+        failures: list[str] = []
+        while True:
+            have = len(store.rows(trigger="seed", walker=k, status="ok"))
+            if have >= seed.frames:
+                break
+            calc = RetryingReference(config.reference)
+            frame, resume = start, {}
+            saved = json.loads(state_file.read_text()) if state_file.is_file() else None
+            if saved is not None:  # continue where the last run stopped, its forces known
+                frame = start.copy()
+                frame.positions = np.array(saved["positions"])
+                calc.atoms = frame.copy()
+                calc.results = {"energy": saved["energy"], "forces": np.array(saved["forces"])}
+                momenta = None if failures else np.array(saved["momenta"])
+                resume = {"first_step": int(saved["md_step"]), "momenta": momenta}
+            rng_seed: int | list[int] = config.md.seed + k  # an uninterrupted seed: the classic
+            if saved is not None:
+                rng_seed = [config.md.seed + k, int(saved["md_step"]), len(failures)]
+            try:
+                for snap in reference_md_frames(
+                    frame, calc, seed.temperature, seed.frames - have, gen, rng_seed,
+                    on_step=save_state, **resume,
+                ):  # fmt: skip
+                    e, f = float(snap.get_potential_energy()), snap.get_forces()
+                    step = int(snap.info["md_step"])
+                    clean = Atoms(snap.numbers, snap.positions, cell=snap.cell, pbc=snap.pbc)
+                    store.add(clean, energy=e, forces=f, reference=method, status="ok",
+                              iteration=0, trigger="seed", walker=k, md_step=step,
+                              time_fs=step * gen.timestep_fs)  # fmt: skip
+                    added += 1
+            except MlforceError as err:
+                failures.append(str(err))
+                if len(failures) >= SEED_SEGMENT_ATTEMPTS:
+                    raise MlforceError(
+                        f"seed MD with the reference failed on {path} "
+                        f"{len(failures)} times ({failures[-1]}); set "
+                        "active_learning.seed.source: rattle to seed without reference MD"
+                    ) from None
+            finally:
+                retries += calc.retries_used
+    total = len(store.rows(trigger="seed", status="ok"))
+    seconds = time.perf_counter() - t0
+    return {"ok": total, "failed": 0, "skipped": total - added, "reference_seconds": seconds,
+            "retries": retries}  # fmt: skip
 
 
 # --- evaluate and converge --------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -268,8 +269,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The Prefect flow, in a child process (mlforce itself never imports Prefect)."""
-    import subprocess
-
     cmd = [sys.executable, "-m", "flows.active_learning", args.config]
     if args.run_dir:
         cmd += ["--run-dir", args.run_dir]
@@ -277,12 +276,65 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd.append("--force")
     for item in args.set or []:
         cmd += ["--set", item]
-    return subprocess.call(cmd)
+    return run_supervised(cmd)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM when its parent dies, even by SIGKILL."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+SUPERVISOR_GRACE_S = 10.0  # s a signalled flow gets to end by itself
+
+
+def run_supervised(cmd: list[str]) -> int:
+    """Run ``cmd`` in its own process group and take the whole group down with it.
+
+    SIGTERM and SIGINT are passed on to the group (which gets SIGKILL if it has not ended
+    :data:`SUPERVISOR_GRACE_S` later); when the child ends, however it ends
+    (kill -9 included), whatever it left behind in its group (Prefect's temporary server,
+    Dask workers) is killed; when this process is killed, the child gets SIGTERM (Linux).
+    """
+    import signal
+    import subprocess
+
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec)
+
+    asked: list[float] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        asked.append(time.monotonic())
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while proc.poll() is None:  # after a signal, SUPERVISOR_GRACE_S to end, then SIGKILL
+            if asked and time.monotonic() - asked[0] > SUPERVISOR_GRACE_S:
+                os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        code = proc.returncode
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return code if code >= 0 else 128 - code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end: test data, the active-learning flow, the report, the numbers."""
-    import subprocess
 
     from mlforce.campaign import RunDir
     from mlforce.config import load_config
@@ -301,7 +353,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd += ["--set", item]
     if args.force:
         cmd.append("--force")
-    code = subprocess.call(cmd)
+    code = run_supervised(cmd)
     if code != 0:
         raise MlforceError(f"the active-learning flow failed (exit status {code})")
     state = RunDir(Path(args.out)).state()

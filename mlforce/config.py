@@ -187,6 +187,13 @@ class TriggerConfig(Strict):
         description="on_the_fly: label at once and continue with the reference forces; "
         "collect: keep the frame as a candidate and continue with the model",
     )
+    after_candidate: Literal["continue", "restart"] = Field(
+        "continue",
+        description="collect mode, after a frame is kept as a candidate: continue on the "
+        "model, or go back to the last trusted snapshot with new velocities (the walker stays "
+        "where the model is trusted and keeps probing the edge of it, instead of running on "
+        "into configurations that only a wrong model makes likely)",
+    )
     on_upper: Literal["stop", "restart"] = Field(
         "restart", description="after a rollback: end the walker or continue with new velocities"
     )

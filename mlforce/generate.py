@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
+from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from ase.md.langevin import Langevin
@@ -42,13 +43,41 @@ def reference_md(
     seed: int,
 ) -> list[Atoms]:
     """Langevin MD at ``temperature`` (K); ``frames`` snapshots every ``gen.interval`` steps."""
+    return list(reference_md_frames(start, reference, temperature, frames, gen, seed))
+
+
+def reference_md_frames(
+    start: Atoms,
+    reference: ReferenceConfig | Calculator,
+    temperature: float,
+    frames: int,
+    gen: GenerateConfig,
+    seed: int | Sequence[int],
+    *,
+    momenta: np.ndarray | None = None,
+    first_step: int | None = None,
+    on_step: Callable[[Atoms, int], None] | None = None,
+) -> Iterator[Atoms]:
+    """:func:`reference_md` one labelled snapshot at a time (each with ``info["md_step"]``).
+
+    Snapshots are taken at steps ``equilibration_steps + k * interval`` (k >= 1).
+    ``reference``: settings, or a calculator used as it is (with results it already holds for
+    ``start``, the first step costs no call). To continue an earlier run, pass its state at
+    step ``first_step`` as ``start`` with ``momenta`` (ASE units; None: new thermal
+    velocities): no equilibration then, and the next snapshot is the next one on the grid.
+    ``on_step(atoms, step)`` is called after every step (and at the start): a resume point.
+    """
     atoms = start.copy()
-    atoms.calc = build_reference(reference, atoms)
+    calc = reference if isinstance(reference, Calculator) else build_reference(reference, atoms)
+    atoms.calc = calc
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
-    if not atoms.pbc.any():
-        ZeroRotation(atoms)
+    if momenta is not None:
+        atoms.set_momenta(momenta)
+    else:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        Stationary(atoms)
+        if not atoms.pbc.any():
+            ZeroRotation(atoms)
     dyn = Langevin(
         atoms,
         timestep=gen.timestep_fs * units.fs,
@@ -57,14 +86,17 @@ def reference_md(
         fixcm=False,  # ASE's fixcm=True biases small systems; the drift of a molecule is harmless
         rng=rng,
     )
-    dyn.run(gen.equilibration_steps)
-    out = []
-    for k in range(frames):
-        dyn.run(gen.interval)
-        out.append(
-            _labelled_copy(atoms, temperature, gen.equilibration_steps + (k + 1) * gen.interval)
-        )
-    return out
+    step0 = 0 if first_step is None else first_step
+    if on_step is not None:
+        dyn.attach(lambda: on_step(atoms, step0 + dyn.nsteps), interval=1)
+    eq, interval = gen.equilibration_steps, gen.interval
+    snap = eq + interval * (max(0, (step0 - eq)) // interval + 1)
+    step = step0
+    for _ in range(frames):
+        dyn.run(snap - step)
+        step = snap
+        snap += interval
+        yield _labelled_copy(atoms, temperature, step)
 
 
 def generate_datasets(

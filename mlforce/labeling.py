@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
 
 from mlforce.calculators.reference import (
     ReferenceResult,
+    as_reference_config,
     compute_reference,
     reference_description,
     validate_reference,
@@ -84,6 +86,30 @@ def run_with_retries(atoms: Atoms, cfg: ReferenceConfig) -> Attempts:
     except ConfigError:
         reference = reference_description(settings[-1])
     return Attempts(None, error, len(settings), seconds, reference)
+
+
+class RetryingReference(Calculator):
+    """The reference as an ASE calculator whose every call goes through
+    :func:`run_with_retries`: transient failures are retried (with the fallback settings) as
+    for labels; a call that fails every attempt raises :class:`ReferenceFailure`.
+    For reference MD (the campaign's seed), where one failed step must not end the run."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, cfg: ReferenceConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        self.cfg = as_reference_config(cfg)
+        self.retries_used = 0
+        self.seconds = 0.0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        outcome = run_with_retries(self.atoms, self.cfg)
+        self.retries_used += outcome.attempts - 1
+        self.seconds += outcome.seconds
+        if outcome.result is None:
+            raise ReferenceFailure(outcome.error or "reference failed")
+        self.results = {"energy": outcome.result.energy, "forces": outcome.result.forces}
 
 
 def _per_frame(value: Any, n: int, name: str, single: type | tuple = ()) -> list[Any]:

@@ -58,6 +58,7 @@ class WalkerSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # "budget"/"gap"
     rollbacks: int = 0
     restarts: int = 0
+    restarts_after_candidate: int = 0  # collect mode with after_candidate: restart
     guards: dict[str, int] = field(default_factory=dict)
     stop_reason: str = "completed"
     triggers_per_ps: float = 0.0  # uncertainty triggers (labels or candidates) per ps
@@ -211,6 +212,13 @@ def run_walker(
         _thermalize(atoms, temperature, rng)
         return True
 
+    def back_to_trusted() -> None:
+        """The last trusted snapshot with new thermal velocities (not counted as a rollback)."""
+        _, pos, _ = ring[-1]
+        atoms.set_positions(pos)
+        _thermalize(atoms, temperature, rng)
+        summary.restarts_after_candidate += 1
+
     start = time.perf_counter()
     try:
         for _ in dyn.irun(steps):
@@ -229,7 +237,7 @@ def run_walker(
                 if not rollback(reason):
                     _write(traj_fh, frame, step, dt_fs, results, decision_name)
                     break
-            elif step % cfg.check_every == 0:
+            elif step > 0 and step % cfg.check_every == 0:  # step 0: the start, not MD's
                 summary.checks += 1
                 sigma = float(results["max_force_std"])
                 raw = float(results["max_force_std_raw"])
@@ -250,6 +258,8 @@ def run_walker(
                         ring.append((step, atoms.get_positions(), atoms.get_momenta()))
                 elif d.action == "candidate":
                     do_label(frame, model_forces, d.trigger, d, sigma)
+                    if cfg.after_candidate == "restart":
+                        back_to_trusted()
                 elif d.action == "skip":
                     skipped[d.trigger] += 1
                 elif d.action == "rollback":

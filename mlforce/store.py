@@ -136,7 +136,9 @@ def _refuse_foreign_database(path: Path) -> None:
         return
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
     except sqlite3.DatabaseError as err:
         raise StoreError(f"{path}: cannot open as a label ledger ({err})") from None
     if tables and "systems" not in tables:
@@ -318,11 +320,16 @@ class LabelStore:
         return len(frames)
 
     def split(self, val_fraction: float, **filters: Any) -> tuple[list[Atoms], list[Atoms]]:
-        """``(train, validation)`` ok labels; membership depends only on the structure hash."""
+        """``(train, validation)`` ok labels; membership depends only on the structure hash.
+
+        Both lists are in structure-hash order, not in the order rows were written: labels
+        written by parallel workers in any order give the same training input.
+        """
         if not 0 <= val_fraction < 1:
             raise StoreError(f"val_fraction must be in [0, 1), got {val_fraction}")
         train, val = [], []
-        for atoms in self.atoms(status="ok", **filters):
+        rows = self.atoms(status="ok", **filters)
+        for atoms in sorted(rows, key=lambda a: a.info["structure_hash"]):
             (val if in_validation(atoms.info["structure_hash"], val_fraction) else train).append(
                 atoms
             )

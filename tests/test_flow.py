@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -69,7 +70,7 @@ def test_two_rounds_give_checkpoints_labels_and_artifacts(two_rounds):
     assert any("data:image/png;base64," in a["data"] for a in markdown)
 
 
-def test_failing_reference_does_not_fail_the_flow(harness, tmp_path):
+def test_failing_reference_does_not_fail_the_flow(harness, tmp_path, capsys):
     from flows.active_learning import run_campaign
 
     counter = tmp_path / "calls.txt"
@@ -88,15 +89,42 @@ def test_failing_reference_does_not_fail_the_flow(harness, tmp_path):
     assert sum(r["labels_failed"] for r in round_rows) == len(
         [r for r in failed if r["iteration"] > 0]
     )
+    from mlforce.cli import main
+
+    capsys.readouterr()
+    assert main(["labels", str(tmp_path / "run"), "--json", "--status", "failed"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert len(shown) == len(failed)
+    assert all(r["attempts"] == 2 and "synthetic SCF failure" in r["error"] for r in shown)
 
 
-def _flow_process(run_dir, counter, home, max_rounds):
+def test_transient_reference_failures_in_seed_md_and_labels_are_retried(harness, tmp_path):
+    from flows.active_learning import run_campaign
+
+    counter = tmp_path / "calls.txt"
+    state = run_campaign(
+        TINY, str(tmp_path / "run"), **{
+            "reference.kind": "ase", "reference.calculator": COUNTING, "reference.retries": 5,
+            "reference.kwargs": {"counter": str(counter), "transient_percent": 30},
+            "active_learning.max_rounds": 1,
+        },
+    )  # fmt: skip
+    log = counter.read_text().split("\n")
+    assert sum(line.startswith("transient") for line in log) > 20  # it did fail, often
+    rows = LabelStore(tmp_path / "run" / "labels.db").rows()
+    assert sum(r["trigger"] == "seed" for r in rows) == 12  # the whole seed MD, despite them
+    assert state["rounds"][0]["labels_added"] > 0
+    assert all(r["status"] == "ok" for r in rows)  # five retries rescued every call
+
+
+def _flow_process(run_dir, counter, home, max_rounds, **reference_kwargs):
     env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT)}
     env.pop("PREFECT_API_URL", None)
+    kwargs = ", ".join(f"{k}: {v}" for k, v in {"counter": counter, **reference_kwargs}.items())
     args = [
         sys.executable, "-m", "flows.active_learning", TINY, "--run-dir", str(run_dir),
         "--set", "reference.kind=ase", "--set", f"reference.calculator={COUNTING}",
-        "--set", f"reference.kwargs={{counter: {counter}}}",
+        "--set", f"reference.kwargs={{{kwargs}}}",
         "--set", f"active_learning.max_rounds={max_rounds}",
     ]  # fmt: skip
     return subprocess.Popen(
@@ -105,34 +133,62 @@ def _flow_process(run_dir, counter, home, max_rounds):
     )  # fmt: skip
 
 
-def test_killed_run_resumes_without_repeating_reference_calls(tmp_path):
-    run_dir, counter, home = tmp_path / "run", tmp_path / "calls.txt", tmp_path / "prefect"
-    proc = _flow_process(run_dir, counter, home, max_rounds=3)
-    state_file = run_dir / "state.json"
-    deadline = time.time() + 240
+def _kill_when(proc, condition, timeout=240):
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if state_file.is_file() and len(json.loads(state_file.read_text())["rounds"]) >= 1:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)  # the flow and its temporary Prefect server
-    proc.wait()
-    first = json.loads(state_file.read_text())["rounds"]
-    assert len(first) in (1, 2)
-    model1 = (run_dir / "round_001" / "model.pt").stat().st_mtime_ns
-    calls_before = counter.read_text().split()
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)  # the flow and everything it started
+            proc.wait()
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never reached the kill point; exit {proc.poll()}: {proc.stdout.read()}")
 
-    proc = _flow_process(run_dir, counter, home, max_rounds=3)
+
+def test_kills_during_seed_labels_and_training_repeat_no_reference_call(tmp_path):
+    from tests.helpers.mlforce_test_calcs import finished_calls
+
+    run_dir, counter, home = tmp_path / "run", tmp_path / "calls.txt", tmp_path / "prefect"
+    ledger = run_dir / "labels.db"
+    # the seed MD makes 131 calls (10 equilibration + 12 x 10 steps + the start); the windows
+    # of slow calls give each kill a moment inside the seed MD and inside round 1's labels
+    slow = {"slow": [[40, 44], [134, 138]], "slow_s": 1.0}
+
+    def calls() -> int:
+        return len(finished_calls(counter)) if counter.is_file() else 0
+
+    def rows(**filters) -> list:
+        return LabelStore(ledger).rows(**filters) if ledger.is_file() else []
+
+    # 1. kill during the seed's reference MD
+    proc = _flow_process(run_dir, counter, home, 2, **slow)
+    _kill_when(proc, lambda: calls() >= 41)
+    assert 0 < len(rows(trigger="seed")) < 12
+    # 2. resume; kill during round 1's labelling (its calls 134-137 are slow)
+    proc = _flow_process(run_dir, counter, home, 2, **slow)
+    _kill_when(proc, lambda: len(rows(iteration=1)) >= 2)
+    assert len(rows(trigger="seed")) == 12
+    labelled_before = len(rows(iteration=1))
+    # 3. resume; kill during round 2's training (right after round 1 is recorded)
+    proc = _flow_process(run_dir, counter, home, 2, **slow)
+    state_file = run_dir / "state.json"
+    _kill_when(proc, lambda: len(json.loads(state_file.read_text()).get("rounds", [])) >= 1)
+    assert not (run_dir / "round_002" / "model.pt").is_file()
+    # 4. resume to the end
+    proc = _flow_process(run_dir, counter, home, 2, **slow)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    state = json.loads(state_file.read_text())
-    assert len(state["rounds"]) == 3 and state["rounds"][0] == first[0]
-    assert (run_dir / "round_001" / "model.pt").stat().st_mtime_ns == model1  # not retrained
-    after = counter.read_text().split()[len(calls_before) :]
-    assert after  # the resumed run did label new frames ...
-    # ... and never computed a structure twice, nor one computed before the kill
-    assert len(after) == len(set(after)) and not set(after) & set(calls_before)
     assert "campaign stopped" in out
+    done = finished_calls(counter)
+    assert len(done) == len(set(done)), "a finished reference call was repeated"
+    with sqlite3.connect(ledger) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ledger_rows = rows()
+    assert {r["structure_hash"] for r in ledger_rows if r["status"] == "ok"} <= set(done)
+    assert len(rows(iteration=1)) >= labelled_before  # nothing lost
+    state = json.loads(state_file.read_text())
+    assert state["labels_total"] == len(rows(status="ok"))
+    for r in (1, 2):  # a round redone after a kill stays within its budget
+        assert 0 < len(rows(iteration=r)) <= 8
 
 
 def test_dask_runner_gives_the_same_number_of_labels(harness, two_rounds, tmp_path):
@@ -190,3 +246,98 @@ def test_run_dir_of_another_config_is_refused(two_rounds):
     run_dir, _ = two_rounds
     with pytest.raises(ConfigError, match="different config"):
         run_campaign(TINY, str(run_dir), **{"md.steps": 77})
+
+
+def test_run_lock_is_exclusive_and_survives_a_dead_holder(tmp_path):
+    from mlforce.campaign import run_lock
+    from mlforce.errors import MlforceError
+
+    with run_lock(tmp_path / "run") as path:
+        assert f"PID {os.getpid()} on " in path.read_text()
+        with pytest.raises(MlforceError, match=rf"is in use by PID {os.getpid()} on "):
+            with run_lock(tmp_path / "run"):
+                pass
+    # a lock file left by a process that died: the kernel dropped its flock, so it is taken over
+    (tmp_path / "run" / ".lock").write_text("PID 999999 on elsewhere since long ago")
+    with run_lock(tmp_path / "run") as path:
+        assert f"PID {os.getpid()}" in path.read_text()
+
+
+def test_a_second_flow_on_the_same_run_directory_exits_at_once(tmp_path):
+    run_dir, counter, home = tmp_path / "run", tmp_path / "calls.txt", tmp_path / "prefect"
+    first = _flow_process(run_dir, counter, home, max_rounds=1)
+    lock = run_dir / ".lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.is_file() and lock.read_text()):
+        time.sleep(0.1)
+    assert first.poll() is None
+    started = time.time()
+    second = _flow_process(run_dir, counter, home, max_rounds=1)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2 and time.time() - started < 60
+    line = out.strip()
+    assert "\n" not in line and f"is in use by PID {first.pid} on " in line, out
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    state = json.loads((run_dir / "state.json").read_text())
+    rows = LabelStore(run_dir / "labels.db").rows()
+    added = sum(r["labels_added"] + r["labels_failed"] for r in state["rounds"])
+    assert len(rows) == state["seeded"]["ok"] + added  # exactly one campaign's rows
+    from tests.helpers.mlforce_test_calcs import finished_calls
+
+    calls = finished_calls(counter)
+    assert len(calls) == len(set(calls))  # no structure computed twice
+
+
+def _ledger_by_round(run_dir) -> dict[int, list[tuple[str, str, str]]]:
+    """Per round: sorted (structure hash, trigger, status). Rows of one round are written by
+    parallel label tasks in the order they finish; their content is what must not vary."""
+    out: dict[int, list] = {}
+    for r in LabelStore(run_dir / "labels.db").rows():
+        out.setdefault(r["iteration"], []).append((r["structure_hash"], r["trigger"], r["status"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_same_config_same_seed_same_campaign_with_two_workers(harness, two_rounds, tmp_path):
+    from flows.active_learning import run_campaign
+
+    first_dir, first = two_rounds
+    state = run_campaign(TINY, str(tmp_path / "again"))  # runner.workers = 2, as the first
+    assert _ledger_by_round(tmp_path / "again") == _ledger_by_round(first_dir)
+    assert state["final_val_force_mae"] == first["final_val_force_mae"]
+    assert state["final_test_force_mae"] == first["final_test_force_mae"]
+
+
+@pytest.mark.parametrize(
+    "how", ["sigterm_to_mlforce_run", "sigkill_to_mlforce_run", "sigkill_to_the_flow"]
+)
+def test_mlforce_run_leaves_no_process_behind(tmp_path, how):
+    import psutil
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlforce.cli", "run", TINY, "--run-dir", str(tmp_path / "run"),
+         "--set", "active_learning.max_rounds=5"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    supervisor = psutil.Process(proc.pid)
+    deadline = time.time() + 180
+    seen: dict[int, psutil.Process] = {}
+    while time.time() < deadline:  # until the flow and Prefect's temporary server are up
+        for child in supervisor.children(recursive=True):
+            seen.setdefault(child.pid, child)
+        if (tmp_path / "run" / "state.json").is_file() and len(seen) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and len(seen) >= 2
+    flow = supervisor.children()[0]
+    if how == "sigterm_to_mlforce_run":
+        proc.send_signal(signal.SIGTERM)
+    elif how == "sigkill_to_mlforce_run":
+        proc.kill()
+    else:
+        flow.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

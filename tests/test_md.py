@@ -41,7 +41,7 @@ def test_infinite_threshold_never_calls_the_reference(calc, xtb_frames, tmp_path
     s = run_walker(calc, start(xtb_frames), 500.0, cfg, store=store, reference=ReferenceConfig())
     assert s.steps == 60 and s.stop_reason == "completed"
     assert len(store) == 0 and s.reference_seconds == 0.0 and s.n_labels == 0
-    assert s.checks == 61 and s.sigma_mean > 0
+    assert s.checks == 60 and s.sigma_mean > 0  # steps 1..60: step 0 is the start itself
 
 
 def test_low_threshold_labels_with_full_provenance(calc, xtb_frames, tmp_path, trained_checkpoint):
@@ -191,3 +191,21 @@ def test_bad_input_fails_before_any_step(calc, trained_checkpoint, tmp_path, cap
     for key in ("steps", "simulated_fs", "labels", "triggers_per_ps", "rollbacks", "stop_reason"):
         assert key in out
     assert out["steps"] == 5 and out["labels"] == 0
+
+
+def test_collect_with_restart_keeps_the_walker_at_the_edge_of_trust(calc, xtb_frames):
+    """after_candidate=restart: every candidate is a few steps from a trusted snapshot."""
+    first = start(xtb_frames)
+    found = {}
+    for mode in ("continue", "restart"):
+        candidates: list = []
+        cfg = md_config(mode="collect", lower=1e-6, upper=1e9, min_gap=10, check_every=5,
+                        after_candidate=mode)  # fmt: skip
+        cfg.steps = 200
+        s = run_walker(calc, first.copy(), 500.0, cfg, seed=3, candidates=candidates)
+        assert s.steps == 200 and len(candidates) == s.candidates > 5
+        # nothing is trusted below σ = 1e-6: the only trusted snapshot is the start
+        found[mode] = max(np.abs(c.positions - first.positions).max() for c in candidates)
+        assert s.restarts_after_candidate == (len(candidates) if mode == "restart" else 0)
+    assert found["restart"] < 0.5 * found["continue"]
+    assert found["restart"] < 0.3  # Å: at most min_gap steps of thermal motion from the start

@@ -42,22 +42,59 @@ class FlakyEMT(EMT):
 
 
 class CountingXTB(TBLite):
-    """Real GFN2-xTB (tblite) that logs every call's structure hash to ``counter`` (a file).
+    """Real GFN2-xTB (tblite) that logs each finished call's structure hash to ``counter``.
 
     With ``fail_percent`` it raises, every time, on that share of structures (chosen by hash),
     so retries cannot rescue them: a reference that fails on some frames, deterministically.
+    With ``transient_percent`` it raises on that share of *calls* at random (a retry usually
+    succeeds). Calls whose 0-based number (finished calls in ``counter`` so far) falls in one
+    of the ``slow`` windows ``[[from, to], ...]`` take ``slow_s`` seconds: moments in which a
+    test can kill the campaign.
     """
 
-    def __init__(self, counter: str, fail_percent: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self,
+        counter: str,
+        fail_percent: float = 0.0,
+        transient_percent: float = 0.0,
+        slow: list | None = None,
+        slow_s: float = 0.0,
+        **kwargs,
+    ) -> None:
         super().__init__(method="GFN2-xTB", verbosity=0, **kwargs)
         self.counter, self.fail_percent = counter, fail_percent
+        self.transient_percent = transient_percent
+        self.slow, self.slow_s = slow or [], slow_s
+        self.rng = np.random.default_rng()
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         from mlforce.store import structure_hash
 
         h = structure_hash(atoms if atoms is not None else self.atoms)
-        with open(self.counter, "a") as fh:
-            fh.write(h + "\n")
         if int(h[-4:], 16) % 100 < self.fail_percent:
+            self._log("failed " + h)
             raise RuntimeError(f"synthetic SCF failure for {h}")
+        if self.rng.uniform(0, 100) < self.transient_percent:
+            self._log("transient " + h)
+            raise RuntimeError(f"synthetic transient failure for {h}")
+        done = self._finished()
+        if any(lo <= done < hi for lo, hi in self.slow):
+            time.sleep(self.slow_s)
         super().calculate(atoms, properties, system_changes)
+        self._log(h)
+
+    def _finished(self) -> int:
+        if not os.path.exists(self.counter):
+            return 0
+        with open(self.counter) as fh:
+            return sum(1 for line in fh if line.startswith("v1-"))
+
+    def _log(self, line: str) -> None:
+        with open(self.counter, "a") as fh:
+            fh.write(line + "\n")
+
+
+def finished_calls(counter: str) -> list[str]:
+    """Hashes of the finished calls a CountingXTB logged, in order."""
+    with open(counter) as fh:
+        return [line.strip() for line in fh if line.startswith("v1-")]
