@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -42,21 +41,37 @@ from flows.tasks import (
     train_task,
 )
 from mlforce import campaign
-from mlforce.calculators.reference import validate_reference
 from mlforce.config import Config, load_config
 from mlforce.errors import ConfigError, MlforceError
 
+DASK_CONNECT_TIMEOUT_S = 10
+
 
 def _check_dask_address(address: str) -> None:
-    """An unreachable scheduler is a clear error before any work starts."""
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
+    """A scheduler that does not answer as Dask within the timeout is a clear error, before any
+    work starts (not a flow that hangs: something else listening there, an unroutable host)."""
+    import asyncio
+
+    from distributed.comm import connect
+    from distributed.comm.core import CommClosedError
+
+    async def probe() -> None:
+        comm = await connect(address, timeout=DASK_CONNECT_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(comm.write({"op": "identity"}), DASK_CONNECT_TIMEOUT_S)
+            reply = await asyncio.wait_for(comm.read(), DASK_CONNECT_TIMEOUT_S)
+        finally:
+            comm.abort()
+        if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+            raise ValueError(f"the peer is not a Dask scheduler (answered {str(reply)[:80]!r})")
+
     try:
-        with socket.create_connection((host or "localhost", int(port)), timeout=5):
-            return
-    except (OSError, ValueError) as err:
+        asyncio.run(asyncio.wait_for(probe(), 3 * DASK_CONNECT_TIMEOUT_S))
+    except (OSError, ValueError, TypeError, MemoryError, CommClosedError,
+            asyncio.TimeoutError) as err:  # fmt: skip
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise ConfigError(
-            f"runner.address {address!r}: Dask scheduler unreachable ({err})"
+            f"runner.address {address!r}: no Dask scheduler answered there ({reason})"
         ) from None
 
 
@@ -182,7 +197,7 @@ def run_campaign(
 ) -> dict[str, Any]:
     """Validate the config, pick the task runner it asks for, and run the flow."""
     cfg = load_config(config, overrides or None)  # fail early, before Prefect starts
-    validate_reference(cfg.reference)
+    campaign.check_campaign(cfg)  # the reference, and the structures it will see
     run_dir = run_dir or f"runs/{cfg.name}"
     campaign.check_resumable(cfg, run_dir, force)
     runner = task_runner(cfg)

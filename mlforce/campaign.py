@@ -79,6 +79,21 @@ class RunDir:
         os.replace(tmp, self.root / STATE)
 
 
+def check_campaign(config: Config) -> None:
+    """Whole-config checks that need the structures: every start structure reads, and the
+    reference accepts it (e.g. PySCF refuses periodic cells). Run before anything starts."""
+    from mlforce.calculators.reference import build_reference, validate_reference
+    from mlforce.md import load_start_structure
+
+    validate_reference(config.reference)
+    for path in config.md.structures:
+        atoms = load_start_structure(path)
+        try:
+            build_reference(config.reference, atoms)
+        except ConfigError as err:
+            raise ConfigError(f"md.structures {path}: {err}") from None
+
+
 @contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[Path]:
     """Hold the run directory for one campaign at a time (an exclusive ``flock`` on RUN/.lock).

@@ -235,9 +235,66 @@ def test_bad_input_fails_before_any_work(harness, tmp_path):
     with pytest.raises(ConfigError, match=r"active_learning\.rounds: unknown key"):
         run_campaign(str(bad))
     dask = {"runner.kind": "dask", "runner.address": "tcp://127.0.0.1:9"}
-    with pytest.raises(ConfigError, match="unreachable"):
+    with pytest.raises(ConfigError, match="no Dask scheduler answered"):
         run_campaign(TINY, str(tmp_path / "d"), **dask)
     assert not (tmp_path / "d").exists()
+    # PySCF on a periodic cell: refused before the Prefect server starts or a file is written
+    cell = tmp_path / "cu.extxyz"
+    from ase.build import bulk
+    from ase.io import write
+
+    write(cell, bulk("Cu", cubic=True))
+    pyscf = {"reference.kind": "pyscf", "md.structures": [str(cell)]}
+    with pytest.raises(ConfigError, match=r"cu\.extxyz: reference\.kind 'pyscf': periodic"):
+        run_campaign(TINY, str(tmp_path / "p"), **pyscf)
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("peer", ["silent", "garbage"])
+def test_a_dask_address_where_something_else_listens_fails_fast(tmp_path, peer):
+    import socket as socket_
+
+    from flows.active_learning import run_campaign
+
+    server = socket_.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        held = []
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            if peer == "garbage":
+                conn.sendall(b"\xff" * 64 + b"HTTP/1.1 200 OK\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    started = time.time()
+    try:
+        with pytest.raises(ConfigError, match="no Dask scheduler answered"):
+            run_campaign(TINY, str(tmp_path / "d"), **{"runner.kind": "dask",
+                                                        "runner.address": address})  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert time.time() - started < 60 and not (tmp_path / "d").exists()
+
+
+def test_a_real_dask_scheduler_passes_the_check():
+    from distributed import LocalCluster
+
+    from flows.active_learning import _check_dask_address
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        _check_dask_address(cluster.scheduler_address)
 
 
 def test_run_dir_of_another_config_is_refused(two_rounds):
