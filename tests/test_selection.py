@@ -84,6 +84,11 @@ def _with_selection(run_dir, tmp_path, selection):
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg["active_learning"]["selection"] = selection
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # back to the moment before round 2's labels: its candidates are not labelled yet
+    import ase.db
+
+    with ase.db.connect(copy / "labels.db") as db:
+        db.delete([row.id for row in db.select(iteration=2)])
     return RunDir(copy)
 
 
