@@ -44,7 +44,7 @@ from mlforce import campaign
 from mlforce.config import Config, load_config
 from mlforce.errors import ConfigError, MlforceError
 
-DASK_CONNECT_TIMEOUT_S = 10
+DASK_CONNECT_TIMEOUT_S = 5  # s; a scheduler answers in milliseconds
 
 
 def _check_dask_address(address: str) -> None:
