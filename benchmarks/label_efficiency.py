@@ -263,19 +263,59 @@ def plot(result: dict, png: str) -> None:
     fig.savefig(png, dpi=110)
 
 
+def markdown(result: dict) -> str:
+    """A table of the summary, one row per strategy (means over seeds; per seed in brackets)."""
+    tests = result["tests"]
+    head = ["strategy", "seeds"]
+    for test in tests:
+        head += [f"labels to {result['target_force_mae']} ({test})", f"AULC {test}",
+                 f"MAE {test} at {result['shared_label_range'][test][1]:.0f} labels"]  # fmt: skip
+    head += ["reference calls"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(x: float | None) -> str:
+        return "not reached" if x is None else f"{x:.0f}"
+
+    for name, data in result["strategies"].items():
+        runs = [r for r in data["runs"] if "curve" in r]
+        row = [name, str(len(runs))]
+        for test in tests:
+            s = data["summary"][test]
+            per = ", ".join(fmt(x) for x in s["labels_to_target"])
+            row += [f"{fmt(s['labels_to_target_mean'])} [{per}]",
+                    f"{s['aulc_mean']:.3f}",
+                    f"{s['mae_at_shared_labels_mean']:.4f} "
+                    f"[{', '.join(f'{x:.4f}' for x in s['mae_at_shared_labels'])}]"]  # fmt: skip
+        calls = f"{data['reference_calls_mean']:.0f}"
+        if "pool_reference_calls_mean" in data:
+            calls += f" + {data['pool_reference_calls_mean']:.0f} (pool MD)"
+        lines.append("| " + " | ".join([*row, calls]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/ethanol_xtb.yaml")
     parser.add_argument("--out", default="runs/bench/label_efficiency")
-    parser.add_argument("--test", action="append", required=True, metavar="NAME=FILE")
+    parser.add_argument("--test", action="append", default=[], metavar="NAME=FILE")
     parser.add_argument("--strategy", action="append", metavar="NAME=KEY=VALUE,...")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--target", type=float, default=0.05, help="force MAE (eV/Å)")
     parser.add_argument("--parallel", type=int, default=1, help="campaigns at a time")
     parser.add_argument("--no-pool", action="store_true", help="skip random-from-reference-MD")
     parser.add_argument("--plot", help="PNG of the learning curves")
+    parser.add_argument("--markdown", action="store_true", help="a summary table on stderr")
+    parser.add_argument("--from-json", help="re-plot / re-tabulate an earlier run's JSON")
     args = parser.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        if args.plot:
+            plot(result, args.plot)
+        print(markdown(result))
+        return
     tests = parse_pairs(args.test, "--test")
+    if not tests:
+        raise SystemExit("--test NAME=FILE: at least one test set")
     for name, file in tests.items():
         if not Path(file).is_file():
             raise SystemExit(f"--test {name}: {file} not found (make data generates it)")
@@ -344,6 +384,8 @@ def main() -> None:
     result["date"] = time.strftime("%Y-%m-%d")
     if args.plot:
         plot(result, args.plot)
+    if args.markdown:
+        print(markdown(result), file=sys.stderr)
     print(json.dumps(result, indent=1))
 
 
