@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlforce.campaign import RunDir, test_errors
+from mlforce.campaign import RunDir, round_config, test_errors
 from mlforce.checkpoint import load_checkpoint, save_checkpoint
 from mlforce.generate import reference_md
 from mlforce.md import load_start_structure
@@ -84,10 +84,7 @@ def main() -> None:
         val_frac = config.active_learning.val_fraction
         train = [a for a in chosen if not in_validation(structure_hash(a), val_frac)]
         val = [a for a in chosen if in_validation(structure_hash(a), val_frac)] or train[-1:]
-        cfg = config.model_copy(deep=True)
-        if previous is not None and config.active_learning.round_epochs:
-            cfg.training.max_epochs = config.active_learning.round_epochs
-            cfg.training.warmup_epochs = 0
+        cfg = round_config(config, previous is not None)
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models
         path = save_checkpoint(work / f"round_{k:03d}", result.models)

@@ -137,7 +137,7 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
     """Random labels from a reference-MD pool, trained on the campaign's schedule and counts."""
     from ase.io import read, write
 
-    from mlforce.campaign import RunDir, test_errors
+    from mlforce.campaign import RunDir, round_config, test_errors
     from mlforce.checkpoint import save_checkpoint
     from mlforce.generate import reference_md
     from mlforce.md import load_start_structure
@@ -179,10 +179,7 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
         chosen = seeds + [pool[i] for i in order[: max(0, n_labels - len(seeds))]]
         train = [a for a in chosen if not in_validation(structure_hash(a), val_frac)]
         val = [a for a in chosen if in_validation(structure_hash(a), val_frac)] or train[-1:]
-        cfg = config.model_copy(deep=True)
-        if previous is not None and config.active_learning.round_epochs:
-            cfg.training.max_epochs = config.active_learning.round_epochs
-            cfg.training.warmup_epochs = 0
+        cfg = round_config(config, previous is not None)
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models
         path = save_checkpoint(work / f"round_{k:03d}", result.models)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlforce.campaign import RunDir, test_errors
+from mlforce.campaign import RunDir, round_config, test_errors
 from mlforce.checkpoint import save_checkpoint
 from mlforce.cli import _parse_overrides
 from mlforce.config import apply_overrides, config_from_dict
@@ -42,10 +42,7 @@ def replay(run_dir: Path, overrides: dict, tests: dict[str, str], work: Path) ->
         train, val = store.split(val_fraction, selection=f"iteration<{k}")
         if not val:
             val, train = train[-1:], train[:-1]
-        cfg = config.model_copy(deep=True)
-        if previous is not None and base.active_learning.round_epochs:
-            cfg.training.max_epochs = base.active_learning.round_epochs
-            cfg.training.warmup_epochs = 0
+        cfg = round_config(config, previous is not None)
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models
         path = save_checkpoint(work / f"round_{k:03d}", result.models)

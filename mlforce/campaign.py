@@ -206,6 +206,18 @@ def seed_frames(config: Config) -> list[Atoms]:
 # --- train ------------------------------------------------------------------------------------
 
 
+def round_config(config: Config, warm: bool) -> Config:
+    """The training settings of a round: as configured from scratch (round 1); warm-started
+    rounds train ``active_learning.round_epochs`` epochs without warm-up (when it is set).
+    The benchmarks that replay the schedule use this too, so that it is the same."""
+    if not warm or not config.active_learning.round_epochs:
+        return config
+    config = config.model_copy(deep=True)
+    config.training.max_epochs = config.active_learning.round_epochs
+    config.training.warmup_epochs = 0
+    return config
+
+
 def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str, Any]:
     """Train on every ok label of the ledger (warm start after round 1); write the checkpoint."""
     from mlforce.checkpoint import load_checkpoint, save_checkpoint
@@ -223,10 +235,7 @@ def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str
     warm = None
     if round_ > 1 and run.checkpoint(round_ - 1).is_file():
         warm = load_checkpoint(run.checkpoint(round_ - 1)).models
-        if al.round_epochs:
-            config = config.model_copy(deep=True)
-            config.training.max_epochs = al.round_epochs
-            config.training.warmup_epochs = 0
+    config = round_config(config, warm is not None)
     result = train_models(train, val, config, warm_start=warm, log=log or (lambda m: None))
     path = save_checkpoint(
         run.checkpoint(round_),
