@@ -26,7 +26,7 @@ from mlforce.campaign import RunDir, round_config, test_errors
 from mlforce.checkpoint import load_checkpoint, save_checkpoint
 from mlforce.generate import reference_md
 from mlforce.md import load_start_structure
-from mlforce.store import LabelStore, in_validation, structure_hash
+from mlforce.store import LabelStore, split_frames
 from mlforce.train import train_models
 
 
@@ -82,8 +82,8 @@ def main() -> None:
         n_new = max(0, n_labels - len(seeds))
         chosen = seeds + [pool[i] for i in order[:n_new]]
         val_frac = config.active_learning.val_fraction
-        train = [a for a in chosen if not in_validation(structure_hash(a), val_frac)]
-        val = [a for a in chosen if in_validation(structure_hash(a), val_frac)] or train[-1:]
+        train, val = split_frames(chosen, val_frac)
+        val = val or train[-1:]
         cfg = round_config(config, previous is not None)
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models

@@ -141,7 +141,7 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
     from mlforce.checkpoint import save_checkpoint
     from mlforce.generate import reference_md
     from mlforce.md import load_start_structure
-    from mlforce.store import in_validation, structure_hash
+    from mlforce.store import split_frames
     from mlforce.train import train_models
 
     run = RunDir(run_dir)
@@ -177,8 +177,8 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
     val_frac = config.active_learning.val_fraction
     for k, n_labels in enumerate(counts, start=1):
         chosen = seeds + [pool[i] for i in order[: max(0, n_labels - len(seeds))]]
-        train = [a for a in chosen if not in_validation(structure_hash(a), val_frac)]
-        val = [a for a in chosen if in_validation(structure_hash(a), val_frac)] or train[-1:]
+        train, val = split_frames(chosen, val_frac)
+        val = val or train[-1:]
         cfg = round_config(config, previous is not None)
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models

@@ -91,6 +91,17 @@ def in_validation(hash_: str, val_fraction: float) -> bool:
     return int(hash_.removeprefix("v1-")[:15], 16) / 16**15 < val_fraction
 
 
+def split_frames(frames: list[Atoms], val_fraction: float) -> tuple[list[Atoms], list[Atoms]]:
+    """``(train, validation)`` of ``frames`` by :func:`in_validation` on each structure hash
+    (``info["structure_hash"]`` when present); the order of ``frames`` is kept."""
+    train: list[Atoms] = []
+    val: list[Atoms] = []
+    for atoms in frames:
+        h = atoms.info.get("structure_hash") or structure_hash(atoms)
+        (val if in_validation(h, val_fraction) else train).append(atoms)
+    return train, val
+
+
 def validate_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
     """Check and convert provenance to ASE key-value pairs; None values are dropped.
 
@@ -327,13 +338,8 @@ class LabelStore:
         """
         if not 0 <= val_fraction < 1:
             raise StoreError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        train, val = [], []
         rows = self.atoms(status="ok", **filters)
-        for atoms in sorted(rows, key=lambda a: a.info["structure_hash"]):
-            (val if in_validation(atoms.info["structure_hash"], val_fraction) else train).append(
-                atoms
-            )
-        return train, val
+        return split_frames(sorted(rows, key=lambda a: a.info["structure_hash"]), val_fraction)
 
     def _reader(self) -> SQLite3Database:
         return SQLite3Database(str(self.path), use_lock_file=False, serial=True)
