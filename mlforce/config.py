@@ -217,6 +217,18 @@ class GuardConfig(Strict):
         5.0, gt=1, description="instantaneous T above factor x target trips the guard"
     )
     label_guard_frames: bool = Field(False, description="label frames that tripped a guard")
+    keep_bonds: bool = Field(
+        True,
+        description="a walker whose covalent bonds differ from its start structure's has left "
+        "the chemistry it started in (an ML hole, not a reaction): roll it back. Off for "
+        "reactive chemistry and for metals",
+    )
+    bond_factor: float = Field(
+        1.35,
+        gt=1,
+        description="a pair is bonded when closer than factor x the sum of covalent radii "
+        "(ASE's); 800 K xTB ethanol MD stretches bonds to 1.21, non-bonded pairs reach 1.51",
+    )
 
 
 class MDConfig(Strict):

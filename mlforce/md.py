@@ -9,7 +9,10 @@ step the physical guards look at the frame; every ``check_every`` steps the cali
 * between: **label** (``on_the_fly``: the reference is called through the ledger and the next
   step continues with the reference forces) or keep as a **candidate** (``collect``);
 * at/above ``upper``, or a guard trips: **roll back** to the last trusted snapshot, label the
-  crossing frame if configured, then end the walker or continue with new velocities.
+  crossing frame if configured, then end the walker or continue with new velocities. The
+  guards (every step): non-finite numbers, atoms too close, forces too large, too hot, and
+  covalent bonds that differ from the walker's start (``md.guards.keep_bonds``: a poor early
+  model's hole, e.g. an H torn off at 700 K, is left rather than explored and labelled).
 
 Forces that move the atoms are the deterministic model's (dropout off) unless the calculator
 was built with ``prediction="mc_mean"``. Everything random comes from the walker's seed.
@@ -37,7 +40,7 @@ from mlforce.calculators.ml import MLForceCalculator
 from mlforce.config import MDConfig, ReferenceConfig
 from mlforce.errors import ConfigError, StructureError
 from mlforce.graph import check_atoms
-from mlforce.selection import Decision, decide, guard_violation, thresholds
+from mlforce.selection import Decision, bond_pairs, decide, guard_violation, thresholds
 from mlforce.store import LabelStore
 
 Logger = Callable[[str], None]
@@ -151,6 +154,7 @@ def run_walker(
     guard_counts: Counter[str] = Counter()
     ring: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=cfg.rollback_buffer)
     ring.append((0, atoms.get_positions(), atoms.get_momenta()))
+    start_bonds = bond_pairs(atoms, guards.bond_factor) if guards.keep_bonds else None
     recent: list[float] = []
     sigmas: list[float] = []
     last_label_step: int | None = None
@@ -227,7 +231,7 @@ def run_walker(
             model_forces = np.array(results["forces"])
             frame = atoms.copy()
             frame.calc = None
-            reason = guard_violation(atoms, model_forces, temperature, guards)
+            reason = guard_violation(atoms, model_forces, temperature, guards, start_bonds)
             decision_name, sigma = "trust", float("nan")
             if reason is not None:
                 guard_counts[reason] += 1

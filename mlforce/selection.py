@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 from ase import Atoms, units
+from ase.data import covalent_radii
+from ase.neighborlist import natural_cutoffs, neighbor_list
 
 from mlforce.config import GuardConfig, TriggerConfig
 
@@ -78,19 +80,47 @@ def min_distance(atoms: Atoms) -> float:
     return float(d.min())
 
 
+def bond_pairs(atoms: Atoms, factor: float = 1.35) -> np.ndarray:
+    """Covalent bonds of a structure: sorted codes ``i * n + j`` (i < j) of the pairs closer
+    than ``factor`` x the sum of their covalent radii (ASE's table), minimum image in a cell."""
+    n = len(atoms)
+    if n < 2:
+        return np.zeros(0, dtype=np.int64)
+    if n <= 300 and not atoms.pbc.any():
+        d = atoms.get_all_distances()
+        r = covalent_radii[atoms.numbers]
+        i, j = np.triu_indices(n, 1)
+        bonded = d[i, j] < factor * (r[i] + r[j])
+        return (i[bonded] * n + j[bonded]).astype(np.int64)
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=factor))
+    keep = i < j
+    return np.unique(i[keep].astype(np.int64) * n + j[keep])
+
+
 def guard_violation(
-    atoms: Atoms, forces: np.ndarray, target_temperature: float, cfg: GuardConfig
+    atoms: Atoms,
+    forces: np.ndarray,
+    target_temperature: float,
+    cfg: GuardConfig,
+    start_bonds: np.ndarray | None = None,
 ) -> str | None:
     """The name of the first physical guard a frame trips, or None.
 
     Names: ``guard:non_finite``, ``guard:min_distance``, ``guard:max_force``,
-    ``guard:temperature``.
+    ``guard:temperature``, and ``guard:bonds`` when ``start_bonds`` (:func:`bond_pairs` of the
+    walker's start) is given, ``cfg.keep_bonds`` is on and the frame's bonds differ from them.
     """
     positions = atoms.get_positions()
     if not (np.isfinite(positions).all() and np.isfinite(forces).all()):
         return "guard:non_finite"
     if min_distance(atoms) < cfg.min_distance:
         return "guard:min_distance"
+    if (
+        cfg.keep_bonds
+        and start_bonds is not None
+        and not np.array_equal(bond_pairs(atoms, cfg.bond_factor), start_bonds)
+    ):
+        return "guard:bonds"
     if float(np.linalg.norm(forces, axis=1).max()) > cfg.max_force:
         return "guard:max_force"
     temperature = atoms.get_kinetic_energy() / (1.5 * units.kB * len(atoms))

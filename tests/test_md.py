@@ -209,3 +209,47 @@ def test_collect_with_restart_keeps_the_walker_at_the_edge_of_trust(calc, xtb_fr
         assert s.restarts_after_candidate == (len(candidates) if mode == "restart" else 0)
     assert found["restart"] < 0.5 * found["continue"]
     assert found["restart"] < 0.3  # Å: at most min_gap steps of thermal motion from the start
+
+
+class PullingHydrogen(MLForceCalculator):
+    """The real model, plus a constant force that pulls the hydroxyl H away from its O."""
+
+    def __init__(self, *args, pull, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pull = pull  # eV/Å
+
+    def calculate(self, atoms=None, properties=None, system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        o = atoms.get_chemical_symbols().index("O")
+        h = self.hydroxyl_h
+        direction = atoms.positions[h] - atoms.positions[o]
+        forces = np.array(self.results["forces"])
+        forces[h] += self.pull * direction / np.linalg.norm(direction)
+        self.results["forces"] = forces
+
+
+def test_a_walker_that_breaks_a_bond_is_rolled_back_not_labelled(trained_checkpoint, tmp_path):
+    from ase.io import read
+
+    atoms = read(ROOT / "data" / "ethanol.xyz")
+    o = atoms.get_chemical_symbols().index("O")
+    calc = PullingHydrogen(trained_checkpoint, device="cpu", mc_samples=4, pull=8.0)
+    calc.hydroxyl_h = int(np.argsort(atoms.get_distances(o, range(len(atoms))))[1])
+    cfg = md_config(lower=1e9, upper=2e9, max_restarts=1)  # σ never triggers: only guards act
+    cfg.steps = 300
+    traj = tmp_path / "walker.extxyz"
+    store = LabelStore(tmp_path / "labels.db")
+    s = run_walker(calc, atoms.copy(), 300.0, cfg, store=store, reference=ReferenceConfig(),
+                   trajectory=traj)  # fmt: skip
+    assert s.guards.get("guard:bonds", 0) == cfg.triggers.max_restarts + 1
+    assert s.stop_reason == "max_restarts:guard:bonds" and s.rollbacks >= 1
+    assert len(store) == 0  # a frame outside the start chemistry is never labelled blindly
+    frames = read(traj, ":")
+    tripped = [f for f in frames if f.info["decision"] == "guard:bonds"]
+    assert len(tripped) == s.guards["guard:bonds"]
+    assert all(f.get_distance(o, calc.hydroxyl_h) > 1.3 for f in tripped)
+    # the same pull with the guard off (reactive chemistry): the walker goes past the break
+    cfg.guards.keep_bonds = False
+    cfg.steps = int(tripped[0].info["md_step"]) + 10
+    s = run_walker(calc, atoms.copy(), 300.0, cfg)
+    assert "guard:bonds" not in s.guards and s.steps > int(tripped[0].info["md_step"])

@@ -18,7 +18,7 @@ from mlforce.selection import (
     stratified_selection,
 )
 from mlforce.store import LabelStore, structure_hash
-from tests.conftest import make_model, random_rotation
+from tests.conftest import ROOT, make_model, random_rotation
 
 
 def test_cluster_selection_takes_the_most_uncertain_of_each_region():
@@ -146,3 +146,42 @@ def test_stratified_selection_shares_the_budget_between_walkers():
     assert stratified_selection(x, sigma, groups, budget=100) == sorted(
         range(60), key=lambda i: -sigma[i]
     )
+
+
+def test_bond_guard_keeps_thermal_frames_and_trips_on_a_broken_or_new_bond(xtb_frames):
+    from mlforce.config import GuardConfig
+    from mlforce.selection import bond_pairs, guard_violation
+
+    start = read(ROOT / "data" / "ethanol.xyz")
+    bonds = bond_pairs(start)
+    assert len(bonds) == 8  # C-C, C-O, O-H, 5 C-H
+    zero = np.zeros((len(start), 3))
+    cfg = GuardConfig()
+    # xTB MD up to 800 K stretches bonds but never past the factor: no trip
+    assert all(guard_violation(a, zero, 800.0, cfg, bonds) is None for a in xtb_frames)
+    o = start.get_chemical_symbols().index("O")
+    h = int(np.argsort(start.get_distances(o, range(len(start))))[1])  # the hydroxyl H
+    assert start.numbers[h] == 1 and start.get_distance(o, h) < 1.1
+    broken = start.copy()
+    broken.positions[h] += 0.8 * (start.positions[h] - start.positions[o])  # O-H ~1.75 Å
+    assert guard_violation(broken, zero, 300.0, cfg, bonds) == "guard:bonds"
+    migrated = start.copy()
+    migrated.positions[h] = start.positions[1] + [0.0, 0.0, 1.09]  # the H now sits on C
+    assert guard_violation(migrated, zero, 300.0, cfg, bonds) == "guard:bonds"
+    # off for reactive chemistry and metals; without start bonds nothing is compared
+    assert guard_violation(broken, zero, 300.0, GuardConfig(keep_bonds=False), bonds) is None
+    assert guard_violation(broken, zero, 300.0, cfg, None) is None
+
+
+def test_bond_pairs_in_a_periodic_cell_use_the_minimum_image():
+    from ase.build import molecule
+
+    from mlforce.selection import bond_pairs
+
+    water = molecule("H2O")  # O near the origin, both H atoms below it (z < 0)
+    water.cell = [6.0, 6.0, 6.0]
+    water.pbc = True
+    water.wrap()  # the H atoms now sit across the cell boundary, > 5 Å from O in plain distance
+    assert np.array_equal(bond_pairs(water), [1, 2])  # O-H, O-H through the minimum image
+    water.pbc = False
+    assert len(bond_pairs(water)) == 0  # without the cell both bonds are gone
