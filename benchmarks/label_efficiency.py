@@ -148,6 +148,11 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
     config = run.config()
     state = run.state()
     work.mkdir(parents=True, exist_ok=True)
+    cached = work / "curve.json"
+    if cached.is_file():  # a finished pool curve of this campaign (delete it to redo)
+        done = json.loads(cached.read_text())
+        if done.get("campaign_labels") == state["labels_total"]:
+            return done["result"]
     gen = config.data.generate.model_copy(update={"interval": 20, "equilibration_steps": 200})
     total_fs = 1000 * sum(r["simulated_ps"] for r in state["rounds"])
     temps = config.md.temperatures
@@ -187,13 +192,15 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
         for name, file in tests.items():
             curve[name].append((len(chosen), scores[Path(file).stem]))
         log(f"pool seed {seed}: {len(chosen)} labels -> {scores}")
-    return {
+    result = {
         "curve": curve,
         "reference_calls": counts[-1] - len(seeds),
         "pool_frames": len(pool),
         "pool_reference_calls": md_steps,
         "seed_labels": len(seeds),
     }
+    cached.write_text(json.dumps({"campaign_labels": state["labels_total"], "result": result}))
+    return result
 
 
 def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
