@@ -274,7 +274,7 @@ def markdown(result: dict) -> str:
     for test in tests:
         head += [f"labels to {result['target_force_mae']} ({test})", f"AULC {test}",
                  f"MAE {test} at {result['shared_label_range'][test][1]:.0f} labels"]  # fmt: skip
-    head += ["reference calls"]
+    head += ["reference calls", "converged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(x: float | None) -> str:
@@ -293,7 +293,13 @@ def markdown(result: dict) -> str:
         calls = f"{data['reference_calls_mean']:.0f}"
         if "pool_reference_calls_mean" in data:
             calls += f" + {data['pool_reference_calls_mean']:.0f} (pool MD)"
-        lines.append("| " + " | ".join([*row, calls]) + " |")
+        stops = [r.get("stop_reason") or "" for r in runs]
+        converged = (
+            f"{sum(x.startswith('converged') for x in stops)} of {len(runs)}"
+            if any(stops)
+            else "n/a"
+        )
+        lines.append("| " + " | ".join([*row, calls, converged]) + " |")
     return "\n".join(lines)
 
 
