@@ -313,6 +313,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.05, help="force MAE (eV/Å)")
     parser.add_argument("--parallel", type=int, default=1, help="campaigns at a time")
     parser.add_argument("--no-pool", action="store_true", help="skip random-from-reference-MD")
+    parser.add_argument(
+        "--skip-missing", action="store_true", help="summarise only the campaigns that exist"
+    )
     parser.add_argument("--plot", help="PNG of the learning curves")
     parser.add_argument("--markdown", action="store_true", help="a summary table on stderr")
     parser.add_argument("--from-json", help="re-plot / re-tabulate an earlier run's JSON")
@@ -349,6 +352,9 @@ def main() -> None:
             }  # fmt: skip
             overrides.update(parse_pairs([p for p in text.split(",") if p], name))
             run_dir = out / f"{name}_s{seed}"
+            if args.skip_missing and not (run_dir / "state.json").is_file():
+                log(f"skip {name} seed {seed}: no run directory")
+                continue
             jobs.append({"name": f"{name} seed {seed}", "run_dir": run_dir, "threads": threads,
                          "cmd": campaign_command(args.config, run_dir, overrides, None),
                          "strategy": name, "seed": seed})  # fmt: skip
