@@ -80,7 +80,9 @@ def min_distance(atoms: Atoms) -> float:
     return float(d.min())
 
 
-def bond_pairs(atoms: Atoms, factor: float = 1.35) -> np.ndarray:
+def bond_pairs(
+    atoms: Atoms, factor: float = GuardConfig.model_fields["bond_factor"].default
+) -> np.ndarray:
     """Covalent bonds of a structure: sorted codes ``i * n + j`` (i < j) of the pairs closer
     than ``factor`` x the sum of their covalent radii (ASE's table), minimum image in a cell."""
     n = len(atoms)
