@@ -258,15 +258,44 @@ def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str
 
 
 def walker_specs(config: Config) -> list[dict[str, Any]]:
-    """One walker per structure x temperature: JSON-able specs."""
+    """``md.replicas`` walkers per structure x temperature: JSON-able specs."""
     specs = []
     for s, structure in enumerate(config.md.structures):
         for t, temperature in enumerate(config.md.temperatures):
-            specs.append(
-                {"walker": len(specs), "structure": structure, "temperature": temperature,
-                 "structure_index": s, "temperature_index": t}
-            )  # fmt: skip
+            for r in range(config.md.replicas):
+                specs.append(
+                    {"walker": len(specs), "structure": structure, "temperature": temperature,
+                     "structure_index": s, "temperature_index": t, "replica": r}
+                )  # fmt: skip
     return specs
+
+
+def walker_start(run: RunDir, round_: int, spec: dict[str, Any]) -> Atoms:
+    """Where a walker of round ``round_`` starts (``md.start``).
+
+    ``structure``: its start structure. ``labelled``: the positions of an ok label of an earlier
+    round (seed labels included) with the same composition, drawn with a generator seeded by
+    ``md.seed``, the round and the walker (labels in structure-hash order, so the draw does not
+    depend on the order parallel workers wrote them); the start structure when there is none.
+    """
+    from mlforce.md import load_start_structure
+    from mlforce.store import LabelStore
+
+    config = run.config()
+    atoms = load_start_structure(spec["structure"])
+    if config.md.start == "structure" or not run.ledger.exists():
+        return atoms
+    formula = atoms.get_chemical_formula()
+    frames = sorted(
+        (a for a in LabelStore(run.ledger).atoms(status="ok", selection=f"iteration<{round_}")
+         if a.get_chemical_formula() == formula),
+        key=lambda a: a.info["structure_hash"],
+    )  # fmt: skip
+    if not frames:
+        return atoms
+    rng = np.random.default_rng([config.md.seed, round_, spec["walker"]])
+    chosen = frames[int(rng.integers(len(frames)))]
+    return Atoms(chosen.numbers, positions=chosen.positions, cell=chosen.cell, pbc=chosen.pbc)
 
 
 def use_lockstep(config: Config) -> bool:
@@ -301,14 +330,14 @@ def _walker_result(run: RunDir, round_: int, spec: dict, summary: Any, candidate
 
 def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one walker in collect mode with the round's model; write its candidates."""
-    from mlforce.md import load_start_structure, run_walker
+    from mlforce.md import run_walker
 
     _, md, calc, model_hash = _walker_setup(run, round_)
     walker = spec["walker"]
     candidates: list[Atoms] = []
     summary = run_walker(
         calc,
-        load_start_structure(spec["structure"]),
+        walker_start(run, round_, spec),
         spec["temperature"],
         md,
         seed=md.seed + 1000 * round_ + walker,
@@ -327,7 +356,6 @@ def simulate_walkers(run: RunDir, round_: int, specs: list[dict[str, Any]]) -> l
     Same seeds and outputs as :func:`simulate_walker` for each spec, one after the other.
     """
     from mlforce.lockstep import run_walkers
-    from mlforce.md import load_start_structure
 
     _, md, calc, model_hash = _walker_setup(run, round_)
     candidates: list[list[Atoms]] = [[] for _ in specs]
@@ -336,7 +364,7 @@ def simulate_walkers(run: RunDir, round_: int, specs: list[dict[str, Any]]) -> l
          "trajectory": run.round_dir(round_) / f"walker_{s['walker']}.extxyz"}
         for s, c in zip(specs, candidates, strict=True)
     ]  # fmt: skip
-    starts = [load_start_structure(s["structure"]) for s in specs]
+    starts = [walker_start(run, round_, s) for s in specs]
     temperatures = [s["temperature"] for s in specs]
     seeds = [md.seed + 1000 * round_ + s["walker"] for s in specs]
     summaries = run_walkers(calc, starts, temperatures, md, seeds, per_walker=per_walker,

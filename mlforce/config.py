@@ -232,11 +232,20 @@ class GuardConfig(Strict):
 
 
 class MDConfig(Strict):
-    """Uncertainty-driven molecular dynamics (one walker per structure x temperature)."""
+    """Uncertainty-driven molecular dynamics (``replicas`` walkers per structure x temperature)."""
 
     structures: list[str] = Field(default_factory=lambda: ["data/ethanol.xyz"])
     temperatures: list[float] = Field(default_factory=lambda: [300.0], description="K")
     steps: int = Field(2000, ge=1, description="MD steps per walker")
+    replicas: int = Field(
+        1, ge=1, description="walkers per structure and temperature in each campaign round"
+    )
+    start: Literal["structure", "labelled"] = Field(
+        "structure", description="where a campaign round's walkers start: structure: the start "
+        "structure; labelled: a frame of the same composition drawn at random from the labels "
+        "of earlier rounds (seed labels included), so that short walkers spread over what the "
+        "campaign has already reached",
+    )  # fmt: skip
     timestep_fs: float = Field(0.5, gt=0)
     thermostat: Literal["langevin", "nve", "berendsen"] = "langevin"
     friction: float = Field(0.01, gt=0, description="Langevin friction (1/fs)")

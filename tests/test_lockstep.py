@@ -103,3 +103,44 @@ def test_campaign_lockstep_round_equals_walker_tasks(tiny_campaign, tmp_path):
                      for r in rows]  # fmt: skip
     assert out["tasks"] == out["lockstep"]
     assert sum(r[2] for r in out["tasks"]) > 0
+
+
+def test_walkers_start_from_earlier_labels_when_asked(tiny_campaign, tmp_path):
+    """md.start: labelled puts md.replicas walkers on labelled frames of earlier rounds."""
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    from mlforce import campaign
+    from mlforce.md import load_start_structure
+    from mlforce.store import LabelStore
+
+    src, _ = tiny_campaign
+    root = tmp_path / "labelled"
+    shutil.copytree(src, root)
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["md"].update(start="labelled", replicas=3)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = campaign.RunDir(root)
+    config = run.config()
+    specs = campaign.walker_specs(config)
+    assert len(specs) == 3 * len(config.md.structures) * len(config.md.temperatures)
+    assert [s["walker"] for s in specs] == list(range(len(specs)))
+    earlier = LabelStore(run.ledger).atoms(status="ok", selection="iteration<2")
+    later = LabelStore(run.ledger).atoms(status="ok", selection="iteration>=2")
+    starts = [campaign.walker_start(run, 2, s) for s in specs]
+    for atoms in starts:
+        assert atoms.calc is None and not atoms.info
+        assert any(np.array_equal(atoms.positions, a.positions) for a in earlier)
+        assert not any(np.array_equal(atoms.positions, a.positions) for a in later)
+    again = [campaign.walker_start(run, 2, s) for s in specs]
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(starts, again))
+    assert len({a.positions.tobytes() for a in starts}) > 1  # walkers spread over the labels
+    # the shipped library default: every walker on its start structure
+    cfg["md"]["start"] = "structure"
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    plain = campaign.walker_start(run, 2, specs[0])
+    np.testing.assert_array_equal(
+        plain.positions, load_start_structure(specs[0]["structure"]).positions
+    )
