@@ -319,7 +319,13 @@ def main() -> None:
     parser.add_argument("--plot", help="PNG of the learning curves")
     parser.add_argument("--markdown", action="store_true", help="a summary table on stderr")
     parser.add_argument("--from-json", help="re-plot / re-tabulate an earlier run's JSON")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="merge earlier outputs, re-summarise, print"
+    )
     args = parser.parse_args()
+    if args.merge:
+        finish(merge(args.merge, args.target), args)
+        return
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         if args.plot:
@@ -380,6 +386,13 @@ def main() -> None:
                 entry["runs"].append({"seed": seed, **pool_curve(
                     run_dir, seed_file, tests, out / f"pool_s{seed}", seed
                 ), "seconds": time.perf_counter() - t0})  # fmt: skip
+    summarise_all(result, list(tests), args.target)
+    result["seconds"] = time.perf_counter() - start
+    finish(result, args)
+
+
+def summarise_all(result: dict, tests: list[str], target: float) -> None:
+    """Per strategy and test: labels to target, AULC and MAE over the label range all share."""
     done = [r for data in result["strategies"].values() for r in data["runs"] if "curve" in r]
     for test in tests:
         lo = max(r["curve"][test][0][0] for r in done)
@@ -388,7 +401,7 @@ def main() -> None:
         for data in result["strategies"].values():
             runs = [r for r in data["runs"] if "curve" in r]
             if runs:
-                data.setdefault("summary", {})[test] = summarise(runs, test, args.target, lo, hi)
+                data.setdefault("summary", {})[test] = summarise(runs, test, target, lo, hi)
     for data in result["strategies"].values():
         runs = [r for r in data["runs"] if "curve" in r]
         data["reference_calls_mean"] = float(np.mean([r["reference_calls"] for r in runs]))
@@ -396,13 +409,30 @@ def main() -> None:
             data["pool_reference_calls_mean"] = float(
                 np.mean([r["pool_reference_calls"] for r in runs])
             )
-    result["seconds"] = time.perf_counter() - start
+
+
+def finish(result: dict, args: argparse.Namespace) -> None:
     result["date"] = time.strftime("%Y-%m-%d")
     if args.plot:
         plot(result, args.plot)
     if args.markdown:
         print(markdown(result), file=sys.stderr)
     print(json.dumps(result, indent=1))
+
+
+def merge(files: list[str], target: float) -> dict:
+    """The runs of several earlier outputs (e.g. one per seed) in one result, re-summarised."""
+    result: dict = {}
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        if not result:
+            result = {**data, "strategies": {}, "merged_from": files}
+        for name, entry in data["strategies"].items():
+            runs = result["strategies"].setdefault(name, {"runs": []})["runs"]
+            runs += [r for r in entry["runs"] if r["seed"] not in {x["seed"] for x in runs}]
+    result["seeds"] = sorted({r["seed"] for e in result["strategies"].values() for r in e["runs"]})
+    summarise_all(result, list(result["tests"]), result.get("target_force_mae", target))
+    return result
 
 
 if __name__ == "__main__":

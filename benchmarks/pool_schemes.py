@@ -9,7 +9,9 @@ exactly as the campaign would (warm start, ``round_config``). Schemes:
 * ``long``: one walker per temperature from the start structure, ``md.steps`` each (the
   campaign's scheme, run again here with fresh seeds);
 * ``short_labelled``: ``--walkers`` walkers per temperature, ``md.steps / walkers`` steps each,
-  each starting from a labelled frame drawn at random from the ledger.
+  each starting from a labelled frame drawn at random from the ledger;
+* ``short_seed_labels``: the same, drawn from the seed labels (reference MD) only;
+* ``reference_long``: the ``long`` walkers driven by the reference itself.
 
     python benchmarks/pool_schemes.py runs/bench/le2/mc_dropout_s0 --round 1 \\
         --test 300K=datasets/ethanol_test_300K.extxyz --test 800K=datasets/ethanol_test_800K.extxyz
@@ -119,6 +121,12 @@ def main() -> None:
                 [t for t in temps for _ in range(n)], base.md.steps // n,
             ),
         }  # fmt: skip
+        seeds_only = [a for a in labelled if int(a.info.get("iteration", 0)) == 0]
+        schemes["short_seed_labels"] = (
+            [seeds_only[i].copy() for i in rng.choice(len(seeds_only), n * len(temps))],
+            [t for t in temps for _ in range(n)],
+            base.md.steps // n,
+        )
         for name, (starts, temperatures, steps) in schemes.items():
             if args.schemes and name not in args.schemes:
                 continue

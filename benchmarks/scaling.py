@@ -1,0 +1,128 @@
+"""Scaling with system size: energy + forces and T-sample MC-dropout σ on liquid-water boxes.
+
+Cubic boxes of randomly oriented water molecules at 1.0 g/cm³ (periodic), from 4 to 3456
+molecules (12 to 10 368 atoms). Each size runs in its own process so that its peak memory
+(``ru_maxrss``) is its own. Times are the full calculator path (vesin neighbour list, graph,
+model, forces; medians over repeats); the model has the shipped ethanol config's architecture
+(64 features, 3 blocks, cutoff 5 Å, dropout in every block) with random weights — the cost
+does not depend on the weights. MC copies are split into passes of at most
+``uncertainty.default_max_edges`` edges (the mechanism that keeps big walkers in memory).
+
+    python benchmarks/scaling.py [--threads 1] [--device cpu|cuda] [--samples 16]
+
+Prints one JSON object: per size, atoms, edges, ms per deterministic call, ms per T-sample σ
+call, their ratio, and the process's peak resident memory (MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SIZES = [4, 32, 108, 256, 864, 2048, 3456]  # water molecules
+
+
+def water_box(n_molecules: int, density: float = 1.0, seed: int = 0):
+    """``n_molecules`` randomly oriented waters on a jittered cubic grid at ``density`` g/cm³."""
+    from ase import Atoms
+    from ase.build import molecule
+    from scipy.spatial.transform import Rotation
+
+    mass = n_molecules * 18.015 / 6.02214076e23  # g
+    length = (mass / density) ** (1 / 3) * 1e8  # Å
+    per_side = int(np.ceil(n_molecules ** (1 / 3)))
+    spacing = length / per_side
+    rng = np.random.default_rng(seed)
+    water = molecule("H2O")
+    water.positions -= water.get_center_of_mass()
+    numbers, positions = [], []
+    sites = [(i, j, k) for i in range(per_side) for j in range(per_side) for k in range(per_side)]
+    for i, j, k in sites[:n_molecules]:
+        rot = Rotation.random(random_state=rng.integers(2**31)).as_matrix()
+        centre = (np.array([i, j, k]) + 0.5 + rng.uniform(-0.1, 0.1, 3)) * spacing
+        numbers += list(water.numbers)
+        positions += list(water.positions @ rot.T + centre)
+    return Atoms(numbers, positions=positions, cell=[length] * 3, pbc=True)
+
+
+def measure(n_molecules: int, samples: int, device: str, threads: int) -> dict:
+    import torch
+
+    from mlforce.calculators.ml import MLForceCalculator
+    from mlforce.checkpoint import Checkpoint
+    from mlforce.config import load_config
+    from mlforce.model import ForceField
+
+    torch.set_num_threads(threads)
+    config = load_config("configs/ethanol_xtb.yaml")
+    torch.manual_seed(0)
+    model = ForceField([1, 8], config.model)
+    ckpt = Checkpoint(models=[model.eval()], calibration={"method": "none"})
+    atoms = water_box(n_molecules)
+    repeats = 5 if len(atoms) < 1000 else 2 if len(atoms) < 5000 else 1
+    warmup = 1 if len(atoms) < 1000 else 0  # big calls are their own warm-up
+
+    def timed(uncertainty: bool) -> float:
+        calc = MLForceCalculator(ckpt, device=device, mc_samples=samples, uncertainty=uncertainty)
+        times = []
+        for r in range(repeats + warmup):
+            atoms.calc = calc
+            calc.reset()
+            t0 = time.perf_counter()
+            atoms.get_forces()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(times))
+
+    from mlforce.graph import atoms_to_graph
+
+    edges = int(atoms_to_graph(atoms, [1, 8], config.model.cutoff).edge_index.shape[1])
+    det = timed(False)
+    mc = timed(True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    out = {"molecules": n_molecules, "atoms": len(atoms), "edges": edges,
+           "deterministic_ms": det, f"sigma_T{samples}_ms": mc, "ratio": mc / det,
+           "peak_rss_mib": peak}  # fmt: skip
+    if device == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="water molecules")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one size
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args.one, args.samples, args.device, args.threads)))
+        return
+    rows = []
+    for n in args.sizes:
+        cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples),
+               "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows.append({"molecules": n, "error": done.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    machine = platform.processor() or platform.machine()
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "device": args.device,
+              "threads": args.threads, "samples": args.samples, "rows": rows}  # fmt: skip
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
