@@ -9,6 +9,7 @@ does not depend on the weights. MC copies are split into passes of at most
 ``uncertainty.default_max_edges`` edges (the mechanism that keeps big walkers in memory).
 
     python benchmarks/scaling.py [--threads 1] [--device cpu|cuda] [--samples 16]
+    python benchmarks/scaling.py --sizes 4 32 64 --xtb GFN1-xTB    # the model against tblite
 
 Prints one JSON object: per size, atoms, edges, ms per deterministic call, ms per T-sample σ
 call, their ratio, and the process's peak resident memory (MiB).
@@ -52,7 +53,7 @@ def water_box(n_molecules: int, density: float = 1.0, seed: int = 0):
     return Atoms(numbers, positions=positions, cell=[length] * 3, pbc=True)
 
 
-def measure(n_molecules: int, samples: int, device: str, threads: int) -> dict:
+def measure(n_molecules: int, samples: int, device: str, threads: int, xtb: str = "") -> dict:
     import torch
 
     from mlforce.calculators.ml import MLForceCalculator
@@ -94,7 +95,31 @@ def measure(n_molecules: int, samples: int, device: str, threads: int) -> dict:
            "peak_rss_mib": peak}  # fmt: skip
     if device == "cuda":
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if xtb:
+        out.update(xtb_cost(atoms, xtb))
     return out
+
+
+def xtb_cost(atoms, method: str) -> dict:
+    """The reference for the same box: one tblite single point from scratch, then the median
+    of 3 calls after 0.01 Å displacements (an MD step's cost: the calculator restarts from
+    the last wavefunction)."""
+    from tblite.ase import TBLite
+
+    box = atoms.copy()
+    box.calc = TBLite(method=method, verbosity=0)
+    t0 = time.perf_counter()
+    box.get_forces()
+    first = time.perf_counter() - t0
+    rng = np.random.default_rng(1)
+    steps = []
+    for _ in range(3):
+        box.positions += rng.normal(scale=0.01, size=box.positions.shape)
+        t0 = time.perf_counter()
+        box.get_forces()
+        steps.append(time.perf_counter() - t0)
+    return {"xtb_method": method, "xtb_first_ms": 1000 * first,
+            "xtb_step_ms": 1000 * float(np.median(steps))}  # fmt: skip
 
 
 def main() -> None:
@@ -103,15 +128,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--xtb", default="", help="also time tblite (e.g. GFN1-xTB) per box")
+    parser.add_argument("--xtb-max", type=int, default=64, help="largest box (molecules) for it")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one size
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.samples, args.device, args.threads)))
+        xtb = args.xtb if args.one <= args.xtb_max else ""
+        print(json.dumps(measure(args.one, args.samples, args.device, args.threads, xtb)))
         return
     rows = []
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples),
-               "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+               "--device", args.device, "--threads", str(args.threads), "--xtb", args.xtb,
+               "--xtb-max", str(args.xtb_max)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             rows.append({"molecules": n, "error": done.stderr.strip().splitlines()[-1:]})
