@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ase.io import read
 
 sys.path.insert(0, str(Path(__file__).parent))
-from round_study import _split, label, log, model_view
+from round_study import _split, label, log, model_view, walker_frames
 
 from mlforce.calculators.ml import MLForceCalculator
 from mlforce.campaign import RunDir, learned_descriptors, round_config, test_errors
@@ -56,12 +55,7 @@ def run_pool(run: RunDir, k: int, starts: list, temperatures: list, steps: int, 
         run_walker(calc, atoms, temperature, md, seed=seed + w, walker=w, iteration=k,
                    steps=steps, model_hash="m-" + checkpoint_hash(run.checkpoint(k)),
                    trajectory=path, candidates=[])  # fmt: skip
-        for a in read(path, ":"):
-            if int(a.info.get("md_step", 0)) > 0 and not str(a.info.get("decision", "")).startswith(
-                "guard"
-            ):
-                a.info["walker"] = w
-                frames.append(a)
+        frames += walker_frames(path, w)
     return frames
 
 

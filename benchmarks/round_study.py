@@ -45,15 +45,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def walker_frames(path: Path, walker: int) -> list:
+    """The MD frames of one walker's trajectory (its start and guard frames excepted)."""
+    frames = []
+    for atoms in read(path, ":"):
+        step = int(atoms.info.get("md_step", 0))
+        if step > 0 and not str(atoms.info.get("decision", "")).startswith("guard"):
+            atoms.info["walker"] = walker
+            frames.append(atoms)
+    return frames
+
+
 def visited(run: RunDir, round_: int) -> list:
     frames = []
     for path in sorted(run.round_dir(round_).glob("walker_*.extxyz")):
-        walker = int(path.stem.removeprefix("walker_"))
-        for atoms in read(path, ":"):
-            step = int(atoms.info.get("md_step", 0))
-            if step > 0 and not str(atoms.info.get("decision", "")).startswith("guard"):
-                atoms.info["walker"] = walker
-                frames.append(atoms)
+        frames += walker_frames(path, int(path.stem.removeprefix("walker_")))
     return frames
 
 
