@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from mlforce import campaign
+from mlforce.device import set_threads, task_threads
 
 
 def _log(msg: str) -> None:
@@ -21,27 +22,27 @@ def _log(msg: str) -> None:
 
 @task(name="seed", cache_policy=NO_CACHE)
 def seed_task(run_dir: str) -> dict[str, Any]:
-    return campaign.label_seed(campaign.RunDir(_path(run_dir)))
+    return campaign.label_seed(_run(run_dir))
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(run_dir: str, round_: int) -> dict[str, Any]:
-    return campaign.train_round(campaign.RunDir(_path(run_dir)), round_, log=_log)
+    return campaign.train_round(_run(run_dir), round_, log=_log)
 
 
 @task(name="simulate", cache_policy=NO_CACHE, tags=["md"])
 def simulate_task(run_dir: str, round_: int, spec: dict[str, Any]) -> dict[str, Any]:
-    return campaign.simulate_walker(campaign.RunDir(_path(run_dir)), round_, spec)
+    return campaign.simulate_walker(_run(run_dir), round_, spec)
 
 
 @task(name="simulate-lockstep", cache_policy=NO_CACHE, tags=["md"])
 def simulate_lockstep_task(run_dir: str, round_: int, specs: list[dict[str, Any]]) -> list[dict]:
-    return campaign.simulate_walkers(campaign.RunDir(_path(run_dir)), round_, specs)
+    return campaign.simulate_walkers(_run(run_dir), round_, specs)
 
 
 @task(name="select", cache_policy=NO_CACHE)
 def select_task(run_dir: str, round_: int, candidate_files: list[str]) -> dict[str, Any]:
-    return campaign.select_frames(campaign.RunDir(_path(run_dir)), round_, candidate_files)
+    return campaign.select_frames(_run(run_dir), round_, candidate_files)
 
 
 def label_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -73,17 +74,25 @@ def label_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     persist_result=True,
 )
 def label_task(run_dir: str, selected_file: str, index: int) -> dict[str, Any]:
-    return campaign.label_frame(campaign.RunDir(_path(run_dir)), selected_file, index)
+    return campaign.label_frame(_run(run_dir), selected_file, index)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
     run_dir: str, round_: int, train: dict, walkers: list[dict], labels: list[dict]
 ) -> dict[str, Any]:
-    return campaign.evaluate_round(campaign.RunDir(_path(run_dir)), round_, train, walkers, labels)
+    return campaign.evaluate_round(_run(run_dir), round_, train, walkers, labels)
 
 
 def _path(p: str):
     from pathlib import Path
 
     return Path(p)
+
+
+def _run(run_dir: str) -> campaign.RunDir:
+    """The run directory, with this task's thread count set from its config's runner."""
+    run = campaign.RunDir(_path(run_dir))
+    r = run.config().runner
+    set_threads(task_threads(r.workers, r.threads))
+    return run

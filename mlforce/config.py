@@ -286,6 +286,12 @@ class RunnerConfig(Strict):
 
     kind: Literal["local", "dask"] = Field("local", description="local threads, or Dask")
     workers: int = Field(2, ge=1, description="local threads / Dask worker processes")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads each task uses (torch, and the OpenMP of xTB or PySCF called "
+        "from it); None: the usable cores divided by workers, at least 1",
+    )
     address: str | None = Field(None, description="an existing Dask scheduler address")
 
 

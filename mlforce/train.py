@@ -26,7 +26,7 @@ from torch_geometric.data import Data
 from mlforce import keys
 from mlforce.config import Config
 from mlforce.data import graphs_from_frames, species_of
-from mlforce.device import resolve_device
+from mlforce.device import resolve_device, set_threads
 from mlforce.errors import StructureError
 from mlforce.evaluate import evaluate_graphs, predict_graphs
 from mlforce.forces import compute_forces
@@ -231,7 +231,7 @@ def train_models(
         raise StructureError("training needs at least one training and one validation frame")
     t = config.training
     if t.threads:
-        torch.set_num_threads(t.threads)
+        set_threads(t.threads)
     device = resolve_device(config.device)
     dtype = _dtype(config)
     species = species_of([*train_frames, *val_frames])

@@ -191,3 +191,26 @@ def test_a_config_cannot_call_arbitrary_code(tmp_path, target):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "not an ASE calculator class" in proc.stderr
     assert not marker.exists() and not (tmp_path / "r").exists()
+
+
+def test_reference_follows_the_callers_thread_count():
+    # A flow task sets its thread count (set_threads); the reference's OpenMP must follow it,
+    # in process and in the child that enforces timeout_s (2 threads per task with passive
+    # waits made labels and training 2-6x slower on 2 cores).
+    import torch
+
+    from mlforce.device import set_threads, task_threads, usable_cores
+
+    assert task_threads(2, 3) == 3
+    assert task_threads(2) == max(1, usable_cores() // 2)
+    atoms = bulk("Cu", "fcc", a=3.6)
+    cfg = ReferenceConfig(kind="ase", calculator="mlforce_test_calcs:OpenMPThreads")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            set_threads(n)
+            assert compute_reference(atoms, cfg).energy == n
+            child = cfg.model_copy(update={"timeout_s": 60.0})
+            assert compute_reference(atoms, child).energy == n
+    finally:
+        set_threads(before)

@@ -373,8 +373,17 @@ def _evaluate(atoms: Atoms, cfg: ReferenceConfig) -> tuple[float, np.ndarray]:
     return energy, forces
 
 
-def _child_main(conn: Any, atoms: Atoms, cfg: ReferenceConfig, path: list[str]) -> None:
-    """Entry of the child process that runs a call under a wall-time limit."""
+def _child_main(
+    conn: Any, atoms: Atoms, cfg: ReferenceConfig, path: list[str], threads: int
+) -> None:
+    """Entry of the child process that runs a call under a wall-time limit.
+
+    ``threads``: the caller's thread count, for the OpenMP of tblite or PySCF (read when they
+    load, so set before they are imported here).
+    """
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:  # OpenMP already loaded (by the forkserver's imports)
+        sys.modules["torch"].set_num_threads(threads)
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # its own process group: a timeout also kills programs it started
     sys.path[:] = path  # import paths of the parent, for kind 'ase'
@@ -429,7 +438,10 @@ def _receive(receiver: Any, proc: Any, limit: float, what: str) -> tuple[str, An
 def _evaluate_in_child(atoms: Atoms, cfg: ReferenceConfig) -> tuple[float, np.ndarray]:
     ctx = _context()
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(sender, atoms, cfg, list(sys.path)), daemon=True)
+    import torch  # the caller's thread count (mlforce.device.set_threads) goes to the child
+
+    args = (sender, atoms, cfg, list(sys.path), torch.get_num_threads())
+    proc = ctx.Process(target=_child_main, args=args, daemon=True)
     proc.start()
     sender.close()
     try:
