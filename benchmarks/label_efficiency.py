@@ -109,7 +109,8 @@ def campaign_curve(run_dir: Path, stems: dict[str, str]) -> dict:
     state = json.loads((run_dir / "state.json").read_text())
     points = [(r["labels_total"] - r["labels_added"], r.get("test_force_mae") or {})
               for r in state["rounds"]]  # fmt: skip
-    points.append((state["labels_total"], state.get("final_test_force_mae") or {}))
+    if "labels_total" in state:  # finished: the final model on every label
+        points.append((state["labels_total"], state.get("final_test_force_mae") or {}))
     rows = LabelStore(run_dir / "labels.db").rows()
     seed_rows = sum(r.get("trigger") == "seed" for r in rows)
     return {
@@ -316,6 +317,12 @@ def main() -> None:
     parser.add_argument(
         "--skip-missing", action="store_true", help="summarise only the campaigns that exist"
     )
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: summarise the run directories as they are (unfinished campaigns "
+        "count with their finished rounds) and the pool curves already computed",
+    )
     parser.add_argument("--plot", help="PNG of the learning curves")
     parser.add_argument("--markdown", action="store_true", help="a summary table on stderr")
     parser.add_argument("--from-json", help="re-plot / re-tabulate an earlier run's JSON")
@@ -358,14 +365,17 @@ def main() -> None:
             }  # fmt: skip
             overrides.update(parse_pairs([p for p in text.split(",") if p], name))
             run_dir = out / f"{name}_s{seed}"
-            if args.skip_missing and not (run_dir / "state.json").is_file():
+            if (args.skip_missing or args.collect) and not (run_dir / "state.json").is_file():
                 log(f"skip {name} seed {seed}: no run directory")
                 continue
             jobs.append({"name": f"{name} seed {seed}", "run_dir": run_dir, "threads": threads,
                          "cmd": campaign_command(args.config, run_dir, overrides, None),
                          "strategy": name, "seed": seed})  # fmt: skip
-    with ThreadPoolExecutor(args.parallel) as pool:
-        outcomes = list(pool.map(run_campaign, jobs))
+    if args.collect:
+        outcomes = [{"returncode": 0, "seconds": None} for _ in jobs]
+    else:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            outcomes = list(pool.map(run_campaign, jobs))
     stems = {name: Path(f).stem for name, f in tests.items()}
     result: dict = {"config": args.config, "tests": list(tests), "seeds": args.seeds,
                     "target_force_mae": args.target, "strategies": {}}  # fmt: skip
@@ -378,14 +388,19 @@ def main() -> None:
                               **campaign_curve(job["run_dir"], stems)})  # fmt: skip
     if not args.no_pool:
         base = next(iter(strategies))
-        entry = result["strategies"].setdefault("random_reference_md", {"runs": []})
+        entry = {"runs": []}
         for seed in args.seeds:
             run_dir = out / f"{base}_s{seed}"
+            if args.collect and not (out / f"pool_s{seed}" / "curve.json").is_file():
+                log(f"pool seed {seed}: no finished pool curve, left out")
+                continue
             if (run_dir / "state.json").is_file():
                 t0 = time.perf_counter()
                 entry["runs"].append({"seed": seed, **pool_curve(
                     run_dir, seed_file, tests, out / f"pool_s{seed}", seed
                 ), "seconds": time.perf_counter() - t0})  # fmt: skip
+        if entry["runs"]:
+            result["strategies"]["random_reference_md"] = entry
     summarise_all(result, list(tests), args.target)
     result["seconds"] = time.perf_counter() - start
     finish(result, args)
