@@ -41,7 +41,7 @@ def set_threads(n: int) -> None:
 
     ``torch.set_num_threads`` also sets OpenMP's thread count of the calling thread, which
     tblite and PySCF follow. Under ``OMP_WAIT_POLICY=PASSIVE`` (the flow and the tests), two
-    threads per task on a 2-core machine made training 2.2x and MD 2.4x slower than one
+    threads per task on a 2-core machine made training 2.0x and MD 2.6x slower than one
     (docs/benchmarks.md section 15).
     """
     torch.set_num_threads(n)
