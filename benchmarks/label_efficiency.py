@@ -103,7 +103,7 @@ def run_campaign(job: dict) -> dict:
 
 
 def campaign_curve(run_dir: Path, stems: dict[str, str]) -> dict:
-    """Learning curve of a finished campaign: round k's model saw the labels of rounds < k."""
+    """Learning curve over a campaign's finished rounds: round k's model saw rounds < k."""
     from mlforce.store import LabelStore
 
     state = json.loads((run_dir / "state.json").read_text())
