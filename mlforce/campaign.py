@@ -419,10 +419,36 @@ def learned_descriptors(checkpoint: str | Path, frames: list[Atoms]) -> np.ndarr
     return np.array(out)
 
 
+def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, seed: int) -> None:
+    """Re-score frames' ``max_force_std`` (calibrated, eV/Å) with ``samples`` MC masks, in place.
+
+    The walkers check σ with few samples (``uncertainty.mc_samples``) and the same masks at
+    every check, which ranks a round's flagged frames poorly; the few candidates are cheap to
+    re-score with more samples and fresh masks (``seed``). The walker's value is kept as
+    ``trigger_max_force_std``. A committee's σ has no sampling noise: left as it is.
+    """
+    from mlforce.checkpoint import load_checkpoint
+    from mlforce.data import graphs_from_frames
+    from mlforce.uncertainty import predict_dataset
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.is_ensemble or not frames or not ckpt.model.has_dropout:
+        return
+    dtype = next(ckpt.model.parameters()).dtype
+    graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
+    sigma = predict_dataset(ckpt.models, graphs, samples, seed).max_force_std(ckpt.calibration)
+    for frame, value in zip(frames, sigma):
+        if "max_force_std" in frame.info:
+            frame.info["trigger_max_force_std"] = float(frame.info["max_force_std"])
+        frame.info["max_force_std"] = float(value)
+
+
 def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[str, Any]:
     """Deduplicate candidates, drop labelled ones, choose a batch within the budget.
 
-    Audit frames are all kept (they measure the model where it is confident). The rest follows
+    Audit frames are all kept (they measure the model where it is confident). Unless the
+    selection is random, every candidate's σ is first re-scored with
+    ``uncertainty.selection_samples`` masks (:func:`rescore_sigma`). The rest follows
     ``active_learning.selection``:
 
     * ``uncertainty``: among the frames the walkers flagged (σ above the threshold), the budget
@@ -456,8 +482,12 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     audits = [f for f in pool if f.info.get("trigger") == "audit"][:budget]
     others = [f for f in pool if f.info.get("trigger") != "audit"]
     wanted = min(budget - len(audits), len(others))
-    sigma = [float(f.info.get("max_force_std", 0.0)) for f in others]
     seed = config.md.seed + 7919 * round_
+    samples = config.uncertainty.selection_samples
+    if al.selection != "random" and samples:
+        rescore_sigma(run.checkpoint(round_), audits + others, samples,
+                      config.uncertainty.seed + 1 + round_)  # fmt: skip
+    sigma = [float(f.info.get("max_force_std", 0.0)) for f in others]
     if al.selection == "random":
         visited: list[Atoms] = []
         taken = {structure_hash(a) for a in audits}

@@ -160,6 +160,13 @@ class UncertaintyConfig(Strict):
         "robust",
         description="σ -> expected error: robust (median) scale, likelihood scale, per element",
     )
+    selection_samples: int | None = Field(
+        64,
+        ge=2,
+        description="T for re-scoring a round's candidate frames with the round model before "
+        "the batch is chosen (fresh masks; the walkers' checks use mc_samples); None: choose "
+        "by the walkers' σ",
+    )
 
 
 class TriggerConfig(Strict):

@@ -248,6 +248,17 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
         f"force error is {sp:.2f}, and σ flags the 10% worst frames with ROC-AUC {auc:.2f} "
         "(0.5 = no better than chance).</p>"
     )
+    walker = [r for r in scored if "trigger_max_force_std" in r]
+    if len(walker) > 2:
+        sp_walker = spearman(
+            np.array([r["trigger_max_force_std"] for r in walker]),
+            np.array([r["true_max_force_error"] for r in walker]),
+        )
+        parts.append(
+            f"<p>σ is re-scored with more MC samples before a round's batch is chosen; the "
+            f"walkers' own σ (few samples, checked along the MD) ranks the same {len(walker)} "
+            f"frames with Spearman {sp_walker:.2f}.</p>"
+        )
     if rounds:
         cols = ["round", "labels_added", "labels_failed", "labels_total", "val_force_mae",
                 "audit_max_force_error", "triggers_per_ps", "sigma_mean", "sigma_max",

@@ -46,7 +46,12 @@ PROVENANCE_KEYS: dict[str, tuple[type, str]] = {
     "md_step": (int, "MD step at which the structure was taken"),
     "time_fs": (float, "MD time (fs)"),
     "trigger": (str, f"why it was labelled: {', '.join(TRIGGERS)}"),
-    "max_force_std": (float, "model's max per-atom force std (eV/Å)"),
+    "max_force_std": (float, "model's max per-atom force std (eV/Å), calibrated"),
+    "trigger_max_force_std": (
+        float,
+        "the walker's max_force_std when it flagged the frame (eV/Å); max_force_std is then "
+        "re-scored with more samples before selection",
+    ),
     "threshold": (float, "uncertainty threshold in force (eV/Å)"),
     "model_hash": (str, "hash of the model that chose the structure"),
     "reference": (str, "reference method with its settings"),
