@@ -7,7 +7,7 @@ CONFIG ?= configs/ethanol_xtb.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo data lint format bench bench-setup clean browser
+.PHONY: install test demo data data-molecules lint format bench bench-setup clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ browser:
 # Reference data (GFN2-xTB Langevin MD of ethanol) into the git-ignored datasets/ folder.
 data: $(STAMP)
 	$(VENV)/bin/mlforce generate $(CONFIG) --out datasets
+
+# 300 K xTB test trajectories of the molecules of configs/molecules_xtb.yaml (ethanol's from data).
+MOLECULES := configs/molecules_xtb.yaml
+data-molecules: $(STAMP)
+	@test -f datasets/ethanol_test_300K.extxyz || $(VENV)/bin/mlforce generate $(CONFIG) --out datasets
+	@for m in malonaldehyde aspirin; do test -f datasets/$${m}_test_300K.extxyz || \
+	  $(VENV)/bin/mlforce generate $(MOLECULES) --test-only --out datasets \
+	    --set data.generate.structure=data/$$m.xyz || exit 1; done
 
 demo: $(STAMP)
 	$(VENV)/bin/mlforce demo $(CONFIG)

@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mlforce.generate import generate_datasets
 
     config = load_config(args.config, _parse_overrides(args.set))
-    paths = generate_datasets(config, args.out, log=_log)
+    paths = generate_datasets(config, args.out, log=_log, train=not args.test_only)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="reference data by xTB (or other reference) Langevin MD")
     p.add_argument("config")
     p.add_argument("--out", default="datasets", help="output folder (default: datasets)")
+    p.add_argument(
+        "--test-only", action="store_true", help="only the test trajectories (no training set)"
+    )
     add_set(p)
     p.set_defaults(func=cmd_generate)
 

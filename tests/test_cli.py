@@ -49,6 +49,19 @@ def test_generate_writes_labelled_extxyz(small_run):
     assert len(read(out / "data" / "ethanol_test_300K.extxyz", ":")) == 6
 
 
+def test_generate_test_only_for_another_molecule(tmp_path):
+    """The test trajectory of a molecule alone (the multi-molecule config's test sets)."""
+    config = str(ROOT / "configs" / "molecules_xtb.yaml")
+    args = ["--set", "data.generate.structure=data/malonaldehyde.xyz",
+            "--set", "data.generate.test_frames=3", "--set", "data.generate.interval=2",
+            "--set", "data.generate.equilibration_steps=4"]  # fmt: skip
+    assert main(["generate", config, "--test-only", "--out", str(tmp_path), *args]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["malonaldehyde_test_300K.extxyz"]
+    frames = read(tmp_path / "malonaldehyde_test_300K.extxyz", ":")
+    assert len(frames) == 3 and frames[0].get_chemical_formula() == "C3H4O2"
+    assert np.isfinite(frames[-1].get_forces()).all()
+
+
 def test_train_and_evaluate_json(small_run, capsys):
     out, _ = small_run
     assert (out / "m" / "model.pt").is_file()
