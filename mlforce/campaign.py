@@ -423,8 +423,10 @@ def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, see
     """Re-score frames' ``max_force_std`` (calibrated, eV/Å) with ``samples`` MC masks, in place.
 
     The walkers check σ with few samples (``uncertainty.mc_samples``) and the same masks at
-    every check, which ranks a round's flagged frames poorly; the few candidates are cheap to
-    re-score with more samples and fresh masks (``seed``). The walker's value is kept as
+    every check: a noisy estimate of the model's uncertainty at one frame (within a round's
+    flagged frames it ranked the true error with Spearman 0.23 where 64 fresh masks gave
+    0.52, docs/benchmarks.md 16). The few selected frames are cheap to re-score, so the
+    ledger records the better estimate; the walker's value is kept as
     ``trigger_max_force_std``. A committee's σ has no sampling noise: left as it is.
     """
     from mlforce.checkpoint import load_checkpoint
@@ -446,10 +448,10 @@ def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, see
 def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[str, Any]:
     """Deduplicate candidates, drop labelled ones, choose a batch within the budget.
 
-    Audit frames are all kept (they measure the model where it is confident). Unless the
-    selection is random, every candidate's σ is first re-scored with
-    ``uncertainty.selection_samples`` masks (:func:`rescore_sigma`). The rest follows
-    ``active_learning.selection``:
+    Audit frames are all kept (they measure the model where it is confident). The rest follows
+    ``active_learning.selection``, by the σ the walkers measured; the chosen frames' σ is then
+    re-scored with ``uncertainty.label_samples`` masks for the record (:func:`rescore_sigma`;
+    choosing by the re-scored σ took worse frames, docs/benchmarks.md 16):
 
     * ``uncertainty``: among the frames the walkers flagged (σ above the threshold), the budget
       shared evenly between walkers, and within each walker k-means in the round model's
@@ -482,12 +484,8 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     audits = [f for f in pool if f.info.get("trigger") == "audit"][:budget]
     others = [f for f in pool if f.info.get("trigger") != "audit"]
     wanted = min(budget - len(audits), len(others))
-    seed = config.md.seed + 7919 * round_
-    samples = config.uncertainty.selection_samples
-    if al.selection != "random" and samples:
-        rescore_sigma(run.checkpoint(round_), audits + others, samples,
-                      config.uncertainty.seed + 1 + round_)  # fmt: skip
     sigma = [float(f.info.get("max_force_std", 0.0)) for f in others]
+    seed = config.md.seed + 7919 * round_
     if al.selection == "random":
         visited: list[Atoms] = []
         taken = {structure_hash(a) for a in audits}
@@ -512,6 +510,10 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
         walkers = [int(f.info.get("walker", 0)) for f in others]
         chosen = stratified_selection(descriptors, sigma, walkers, wanted, seed)
         selected = audits + [others[i] for i in chosen]
+    samples = config.uncertainty.label_samples
+    if samples:
+        rescore_sigma(run.checkpoint(round_), selected, samples,
+                      config.uncertainty.seed + 1 + round_)  # fmt: skip
     path = run.round_dir(round_) / "selected.extxyz"
     write(path, selected, format="extxyz")
     return {"selected_file": str(path), "n_candidates": len(pool), "n_selected": len(selected)}

@@ -160,12 +160,12 @@ class UncertaintyConfig(Strict):
         "robust",
         description="σ -> expected error: robust (median) scale, likelihood scale, per element",
     )
-    selection_samples: int | None = Field(
+    label_samples: int | None = Field(
         64,
         ge=2,
-        description="T for re-scoring a round's candidate frames with the round model before "
-        "the batch is chosen (fresh masks; the walkers' checks use mc_samples); None: choose "
-        "by the walkers' σ",
+        description="T for the σ recorded with each selected frame: re-scored by the round "
+        "model with fresh masks (the walkers check, and the batch is chosen, with mc_samples); "
+        "None: record the walkers' σ",
     )
 
 

@@ -255,9 +255,10 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
             np.array([r["true_max_force_error"] for r in walker]),
         )
         parts.append(
-            f"<p>σ is re-scored with more MC samples before a round's batch is chosen; the "
-            f"walkers' own σ (few samples, checked along the MD) ranks the same {len(walker)} "
-            f"frames with Spearman {sp_walker:.2f}.</p>"
+            f"<p>Each label's σ above is re-scored by its round's model with more MC samples "
+            f"(uncertainty.label_samples); the walkers' own σ, which flagged and chose the "
+            f"frames (fewer samples, the same masks at every check), ranks the same "
+            f"{len(walker)} frames with Spearman {sp_walker:.2f}.</p>"
         )
     if rounds:
         cols = ["round", "labels_added", "labels_failed", "labels_total", "val_force_mae",

@@ -49,8 +49,8 @@ PROVENANCE_KEYS: dict[str, tuple[type, str]] = {
     "max_force_std": (float, "model's max per-atom force std (eV/Å), calibrated"),
     "trigger_max_force_std": (
         float,
-        "the walker's max_force_std when it flagged the frame (eV/Å); max_force_std is then "
-        "re-scored with more samples before selection",
+        "the walker's max_force_std when it flagged the frame (eV/Å), which chose it; "
+        "max_force_std is re-scored with uncertainty.label_samples masks",
     ),
     "threshold": (float, "uncertainty threshold in force (eV/Å)"),
     "model_hash": (str, "hash of the model that chose the structure"),

@@ -187,32 +187,35 @@ def test_bond_pairs_in_a_periodic_cell_use_the_minimum_image():
     assert len(bond_pairs(water)) == 0  # without the cell both bonds are gone
 
 
-def test_select_step_rescores_candidates_with_more_samples(tiny_campaign, tmp_path):
+def test_select_step_records_sigma_rescored_with_more_samples(tiny_campaign, tmp_path):
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames
     from mlforce.uncertainty import predict_dataset
 
     run_dir, _ = tiny_campaign
     run = _with_selection(run_dir, tmp_path, "uncertainty")
-    config = run.config()
-    assert config.uncertainty.selection_samples > config.uncertainty.mc_samples  # the default
+    u = run.config().uncertainty
+    assert u.label_samples > u.mc_samples  # the default
     files = sorted(str(p) for p in (run.root / "round_002").glob("candidates_*.extxyz"))
     walker_sigma = {structure_hash(f): f.info["max_force_std"] for p in files for f in read(p, ":")}
+
+    cfg = yaml.safe_load((run.root / "config.yaml").read_text())  # off: the walker's σ
+    cfg["uncertainty"]["label_samples"] = None
+    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    plain = read(select_frames(run, 2, files)["selected_file"], ":")
+    assert plain and all("trigger_max_force_std" not in f.info for f in plain)
+    assert all(f.info["max_force_std"] == walker_sigma[structure_hash(f)] for f in plain)
+
+    cfg["uncertainty"]["label_samples"] = u.label_samples
+    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
     frames = read(select_frames(run, 2, files)["selected_file"], ":")
-    assert frames
+    # the same frames chosen (by the walkers' σ), in the same order
+    assert [structure_hash(f) for f in frames] == [structure_hash(f) for f in plain]
     ckpt = load_checkpoint(run.checkpoint(2))
-    for frame in frames:  # the walker's σ kept, the selection's σ recomputed independently
+    for frame in frames:  # the walker's σ kept, the recorded σ recomputed independently
         assert frame.info["trigger_max_force_std"] == walker_sigma[structure_hash(frame)]
         graphs = graphs_from_frames([frame], ckpt.species, ckpt.cutoff)
-        pred = predict_dataset(ckpt.models, graphs, config.uncertainty.selection_samples,
-                               seed=config.uncertainty.seed + 1 + 2)  # fmt: skip
+        pred = predict_dataset(ckpt.models, graphs, u.label_samples, seed=u.seed + 1 + 2)
         expected = pred.max_force_std(ckpt.calibration)[0]
         np.testing.assert_allclose(frame.info["max_force_std"], expected, rtol=1e-4)
     assert any(f.info["max_force_std"] != f.info["trigger_max_force_std"] for f in frames)
-
-    cfg = yaml.safe_load((run.root / "config.yaml").read_text())  # switched off: walker's σ
-    cfg["uncertainty"]["selection_samples"] = None
-    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
-    frames = read(select_frames(run, 2, files)["selected_file"], ":")
-    assert all("trigger_max_force_std" not in f.info for f in frames)
-    assert all(f.info["max_force_std"] == walker_sigma[structure_hash(f)] for f in frames)
