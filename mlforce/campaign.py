@@ -426,8 +426,9 @@ def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, see
     every check: a noisy estimate of the model's uncertainty at one frame (within a round's
     flagged frames it ranked the true error with Spearman 0.23 where 64 fresh masks gave
     0.52, docs/benchmarks.md 16). The few selected frames are cheap to re-score, so the
-    ledger records the better estimate; the walker's value is kept as
-    ``trigger_max_force_std``. A committee's σ has no sampling noise: left as it is.
+    ledger records the better estimate, calibrated (``max_force_std``) and raw
+    (``max_force_std_raw``); the walker's value is kept as ``trigger_max_force_std``. A
+    committee's σ has no sampling noise: left as it is.
     """
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames
@@ -438,11 +439,13 @@ def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, see
         return
     dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
-    sigma = predict_dataset(ckpt.models, graphs, samples, seed).max_force_std(ckpt.calibration)
-    for frame, value in zip(frames, sigma):
+    pred = predict_dataset(ckpt.models, graphs, samples, seed)
+    calibrated, raw = pred.max_force_std(ckpt.calibration), pred.max_force_std()
+    for frame, value, value_raw in zip(frames, calibrated, raw):
         if "max_force_std" in frame.info:
             frame.info["trigger_max_force_std"] = float(frame.info["max_force_std"])
         frame.info["max_force_std"] = float(value)
+        frame.info["max_force_std_raw"] = float(value_raw)
 
 
 def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ PROVENANCE_KEYS: dict[str, tuple[type, str]] = {
     "time_fs": (float, "MD time (fs)"),
     "trigger": (str, f"why it was labelled: {', '.join(TRIGGERS)}"),
     "max_force_std": (float, "model's max per-atom force std (eV/Å), calibrated"),
+    "max_force_std_raw": (float, "the same before calibration: the raw MC std (eV/Å)"),
     "trigger_max_force_std": (
         float,
         "the walker's max_force_std when it flagged the frame (eV/Å), which chose it; "

@@ -218,4 +218,6 @@ def test_select_step_records_sigma_rescored_with_more_samples(tiny_campaign, tmp
         pred = predict_dataset(ckpt.models, graphs, u.label_samples, seed=u.seed + 1 + 2)
         expected = pred.max_force_std(ckpt.calibration)[0]
         np.testing.assert_allclose(frame.info["max_force_std"], expected, rtol=1e-4)
+        np.testing.assert_allclose(frame.info["max_force_std_raw"], pred.max_force_std()[0],
+                                   rtol=1e-4)  # fmt: skip
     assert any(f.info["max_force_std"] != f.info["trigger_max_force_std"] for f in frames)
