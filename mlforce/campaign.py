@@ -139,11 +139,22 @@ def check_resumable(config: Config, run_dir: str | Path, force: bool = False) ->
     if (root / STATE).is_file() and not force:
         state = RunDir(root).state()
         digest = config_hash(config)
-        if state.get("config_hash") != digest:
+        if state.get("config_hash") != digest and not _same_as_snapshot(root, digest):
             raise ConfigError(
                 f"{root} was created by a different config (hash {state.get('config_hash')}, "
                 f"this one {digest}); use another run directory, or --force to resume anyway"
             )
+
+
+def _same_as_snapshot(root: Path, digest: str) -> bool:
+    """True when the run's config snapshot, read by this version of mlforce, is ``digest``'s
+    config: the stored hash differs only because a newer mlforce added settings with
+    defaults (an upgrade in the middle of a campaign), not because the user changed one."""
+    try:
+        snapshot = yaml.safe_load((root / CONFIG).read_text())
+        return config_hash(config_from_dict(snapshot, str(root / CONFIG))) == digest
+    except (OSError, yaml.YAMLError, ConfigError):
+        return False
 
 
 def prepare_run_dir(config: Config, run_dir: str | Path, force: bool = False) -> RunDir:

@@ -55,3 +55,32 @@ def test_overrides_are_validated(tmp_path):
     assert cfg.training.max_epochs == 3 and cfg.model.features == 32
     with pytest.raises(ConfigError, match=r"training\.nonsense: unknown key"):
         load_config(path, {"training.nonsense": 1})
+
+
+def test_a_run_resumes_after_an_upgrade_added_settings_but_not_after_a_change(tmp_path):
+    """A snapshot written before a setting existed (an older mlforce) still resumes with the
+    same config; a config that differs in a real setting is still refused."""
+    import json
+
+    import yaml
+
+    from mlforce.campaign import check_resumable, config_hash, prepare_run_dir
+
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    prepare_run_dir(config, tmp_path / "run")
+    snapshot = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del snapshot["uncertainty"]["label_samples"]  # as an older version wrote it
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(snapshot))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    state["config_hash"] = "0123456789abcdef"  # that version's hash of its own resolved config
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    check_resumable(config, tmp_path / "run")  # no error
+    changed = config.model_copy(deep=True)
+    changed.md.steps += 1
+    assert config_hash(changed) != config_hash(config)
+    with pytest.raises(ConfigError, match="different config"):
+        check_resumable(changed, tmp_path / "run")
+    snapshot["md"]["steps"] = 999  # a snapshot that differs in a real setting: refused too
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(snapshot))
+    with pytest.raises(ConfigError, match="different config"):
+        check_resumable(config, tmp_path / "run")
