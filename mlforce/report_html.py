@@ -150,6 +150,21 @@ def _final_model_section(run_dir: Path, checkpoint: str | None, ledger: Path) ->
     ax.set_title(f"calibration on {len(graphs)} validation labels")
     ax.legend(fontsize=8)
     calib = _img(fig, "calibration curve of the final model")
+    by_molecule: dict[str, list[tuple[float, float]]] = {}
+    for atoms, f, r, s in zip(val, pred.forces, ref, pred.max_force_std(ckpt.calibration)):
+        by_molecule.setdefault(atoms.get_chemical_formula(), []).append(
+            (float(np.abs(f - r).mean()), float(s))
+        )
+    table = [
+        {"molecule": k, "validation frames": len(v), "force MAE (eV/Å)": np.mean([e for e, _ in v]),
+         "mean max_force_std (eV/Å)": np.mean([s for _, s in v])}
+        for k, v in sorted(by_molecule.items())
+    ]  # fmt: skip
+    calib = (
+        "<p>Per molecule, on the ledger's validation labels:</p>"
+        + _table(table, list(table[0]))
+        + calib
+    )
     numbers = np.concatenate(pred.numbers)
     from ase.data import chemical_symbols
 
@@ -298,6 +313,11 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
         parts.append(_img(_trigger_rate(rounds, target), "trigger rate per ps by round"))
         parts.append(_img(_sigma_traces(run_dir, rounds, lower), "σ along the walkers"))
     parts.append("<h2>Final model</h2>")
+    tests = state.get("final_test_force_mae") or {}
+    if tests:
+        parts.append("<p>Force MAE (eV/Å) of the final model on each test set:</p>")
+        parts.append(_table([{"test set": k, "force MAE": v} for k, v in tests.items()],
+                            ["test set", "force MAE"]))  # fmt: skip
     final = state.get("final_checkpoint") or (rounds[-1]["checkpoint"] if rounds else None)
     parts.append(_final_model_section(run_dir or ledger.parent, final, ledger))
     parts.append("<h3>Most uncertain atoms of the top-σ labelled frames</h3>")

@@ -85,6 +85,10 @@ def test_report_is_self_contained_and_renders_in_chromium(tiny_campaign, tmp_pat
         assert any(plot in alt for alt in images), plot
     for fact in ("reference calls", "Stop reason", "Spearman", "AUROC"):
         assert fact in text
+    per_molecule = re.search(
+        r"Per molecule.*?<td>C2H6O</td><td>(\d+)</td><td>([0-9.e-]+)</td>", text
+    )
+    assert per_molecule and int(per_molecule.group(1)) > 0 and float(per_molecule.group(2)) > 0
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian chromium is not installed (make test installs it when it can)")
