@@ -123,7 +123,11 @@ def train_member(
         order = torch.randperm(len(train_graphs), generator=gen).tolist()
         running = 0.0
         for b in range(n_batches):
-            elapsed = time.perf_counter() - start
+            # The schedule follows the clock only where the time budget binds: from epoch 2 on,
+            # time runs ahead of epochs only if the pace projects past the budget. In epoch 1
+            # it would win at once (epochs 0, time > 0) and make the result depend on the
+            # machine's load whenever the budget does not bind.
+            elapsed = time.perf_counter() - start if epoch > 1 else 0.0
             progress = max((epoch - 1 + b / n_batches) / t.max_epochs, elapsed / budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * _lr_factor(progress, warmup, final_ratio)
