@@ -168,15 +168,18 @@ def run_walker(
     calc.uncertainty = True
     bar = _ProgressBar(steps, walker, progress, log)
 
-    def do_label(frame: Atoms, forces: np.ndarray, trigger: str, d: Decision, sigma: float):
+    def do_label(frame: Atoms, forces: np.ndarray, trigger: str, d: Decision, sigma: float,
+                 raw: float | None = None):  # fmt: skip
         """Label now (on_the_fly) or keep as a candidate (collect); the reference forces or None."""
         nonlocal budget_used, last_label_step
         step = dyn.nsteps
         prov = {
             "iteration": iteration, "walker": walker, "md_step": step,
             "time_fs": step * dt_fs, "trigger": trigger, "max_force_std": float(sigma),
-            "threshold": float(d.lower), "model_hash": model_hash,
+            "max_force_std_raw": raw, "threshold": float(d.lower), "model_hash": model_hash,
         }  # fmt: skip
+        if raw is None or not np.isfinite(raw):
+            del prov["max_force_std_raw"]
         budget_used += 1
         last_label_step = step
         triggers[trigger] += 1
@@ -255,20 +258,20 @@ def run_walker(
                 if d.action == "trust":
                     ring.append((step, atoms.get_positions(), atoms.get_momenta()))
                 elif d.action == "label":
-                    ref_forces = do_label(frame, model_forces, d.trigger, d, sigma)
+                    ref_forces = do_label(frame, model_forces, d.trigger, d, sigma, raw)
                     if ref_forces is not None and cfg.mode == "on_the_fly":
                         # the next step's first half-kick uses the reference forces
                         calc.results["forces"] = ref_forces
                         ring.append((step, atoms.get_positions(), atoms.get_momenta()))
                 elif d.action == "candidate":
-                    do_label(frame, model_forces, d.trigger, d, sigma)
+                    do_label(frame, model_forces, d.trigger, d, sigma, raw)
                     if cfg.after_candidate == "restart":
                         back_to_trusted()
                 elif d.action == "skip":
                     skipped[d.trigger] += 1
                 elif d.action == "rollback":
                     if cfg.label_on_upper and budget_used < cfg.label_budget:
-                        do_label(frame, model_forces, "uncertainty", d, sigma)
+                        do_label(frame, model_forces, "uncertainty", d, sigma, raw)
                     if not rollback("upper"):
                         _write(traj_fh, frame, step, dt_fs, results, decision_name, sigma)
                         break
