@@ -37,7 +37,7 @@ data: $(STAMP)
 # 300 K xTB test trajectories of the molecules of configs/molecules_xtb.yaml (ethanol's from data).
 MOLECULES := configs/molecules_xtb.yaml
 data-molecules: $(STAMP)
-	@test -f datasets/ethanol_test_300K.extxyz || $(VENV)/bin/mlforce generate $(CONFIG) --out datasets
+	@test -f datasets/ethanol_test_300K.extxyz || $(VENV)/bin/mlforce generate $(CONFIG) --test-only --out datasets
 	@for m in malonaldehyde aspirin; do test -f datasets/$${m}_test_300K.extxyz || \
 	  $(VENV)/bin/mlforce generate $(MOLECULES) --test-only --out datasets \
 	    --set data.generate.structure=data/$$m.xyz || exit 1; done
