@@ -34,6 +34,7 @@ from prefect.logging import get_run_logger
 from flows.tasks import (
     evaluate_task,
     label_task,
+    seed_file_task,
     seed_task,
     select_task,
     simulate_lockstep_task,
@@ -143,7 +144,14 @@ def active_learning(
         return state
     if not rows and not state.get("seeded"):
         t0 = time.perf_counter()
-        seeded = seed_task(str(run.root))
+        unlabelled = seed_file_task(str(run.root))
+        if unlabelled is None:  # labelled as it is made (the reference's MD) or given
+            seeded = seed_task(str(run.root))
+        else:  # rattled or sampled frames: labelled in parallel, like a round's selection
+            path, n = unlabelled
+            parts = [f.result() for f in label_task.map(str(run.root), path, list(range(n)))]
+            seeded = {k: sum(x.get(k, 0) for x in parts)
+                      for k in ("ok", "failed", "skipped", "reference_seconds")}  # fmt: skip
         logger.info(f"seed: {seeded} in {time.perf_counter() - t0:.1f} s")
         state["seeded"] = seeded
         run.write_state(state)

@@ -25,6 +25,11 @@ def seed_task(run_dir: str) -> dict[str, Any]:
     return campaign.label_seed(_run(run_dir))
 
 
+@task(name="seed-frames", cache_policy=NO_CACHE)
+def seed_file_task(run_dir: str) -> tuple[str, int] | None:
+    return campaign.seed_file(_run(run_dir))
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(run_dir: str, round_: int) -> dict[str, Any]:
     return campaign.train_round(_run(run_dir), round_, log=_log)

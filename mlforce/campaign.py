@@ -199,19 +199,52 @@ def seed_frames(config: Config) -> list[Atoms]:
             gen = config.data.generate.model_copy(
                 update={"interval": seed.interval, "equilibration_steps": seed.interval}
             )
+            driver = seed.sampler or config.reference
             try:
                 md_frames = reference_md(
-                    start, config.reference, seed.temperature, seed.frames, gen, config.md.seed + k
+                    start, driver, seed.temperature, seed.frames, gen, config.md.seed + k
                 )
             except MlforceError:
                 raise
             except Exception as err:
+                which = "active_learning.seed.sampler" if seed.sampler else "the reference"
                 raise MlforceError(
-                    f"seed MD with the reference failed on {path} ({err}); "
+                    f"seed MD with {which} failed on {path} ({err}); "
                     "set active_learning.seed.source: rattle to seed without reference MD"
                 ) from None
-            frames += md_frames  # already labelled by the reference MD: no second call
+            if seed.sampler is not None:  # the sampler's labels are not the reference's: drop
+                for frame in md_frames:
+                    clean = Atoms(frame.numbers, frame.positions, cell=frame.cell, pbc=frame.pbc)
+                    clean.info.update(walker=k, md_step=int(frame.info["md_step"]))
+                    frames.append(clean)
+            else:
+                frames += md_frames  # already labelled by the reference MD: no second call
     return frames
+
+
+SEED_FILE = "seed_frames.extxyz"
+
+
+def seed_file(run: RunDir) -> tuple[str, int] | None:
+    """The unlabelled seed frames as RUN/seed_frames.extxyz, for labelling in parallel tasks.
+
+    For ``source: rattle`` and for ``source: md`` with a ``sampler``; None for the seeds that
+    come labelled (the reference's own MD, a file). Written once (atomically) and re-read on
+    resume, so a resumed campaign labels exactly the same frames and skips the finished ones.
+    Each frame carries its provenance (round 0, trigger ``seed``). Returns (path, frames).
+    """
+    seed = run.config().active_learning.seed
+    if seed.source == "file" or (seed.source == "md" and seed.sampler is None):
+        return None
+    path = run.root / SEED_FILE
+    if not path.is_file():
+        frames = seed_frames(run.config())
+        for frame in frames:
+            frame.info.update(iteration=0, trigger="seed")
+        tmp = path.with_suffix(".tmp.extxyz")
+        write(tmp, frames, format="extxyz")
+        os.replace(tmp, path)
+    return str(path), len(read(path, ":"))
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -563,7 +596,7 @@ def label_seed(run: RunDir, frames: list[Atoms] | None = None) -> dict[str, Any]
     config = run.config()
     store = LabelStore(run.ledger)
     prov = {"iteration": 0, "trigger": "seed"}
-    if config.active_learning.seed.source == "md":
+    if config.active_learning.seed.source == "md" and config.active_learning.seed.sampler is None:
         return seed_md(run)
     frames = seed_frames(config) if frames is None else frames
     if config.active_learning.seed.source == "file":

@@ -286,6 +286,12 @@ class SeedConfig(Strict):
     interval: int = Field(20, ge=1, description="seed MD steps between frames")
     rattle_std: float = Field(0.05, gt=0, description="rattle displacement std (Å)")
     file: str | None = Field(None, description="labelled extxyz for source: file")
+    sampler: ReferenceConfig | None = Field(
+        None, description="source md: a cheaper reference that drives the seed MD (e.g. "
+        "{kind: xtb} for DFT labels); its frames are then labelled by the campaign's reference "
+        "in parallel tasks. null: the campaign's reference drives the MD and its frames are "
+        "the labels",
+    )  # fmt: skip
 
 
 class RunnerConfig(Strict):

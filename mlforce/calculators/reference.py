@@ -384,6 +384,8 @@ def _child_main(
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:  # OpenMP already loaded (by the forkserver's imports)
         sys.modules["torch"].set_num_threads(threads)
+    if "pyscf.lib" in sys.modules:  # preloaded: its OpenMP read the server's environment
+        sys.modules["pyscf.lib"].num_threads(threads)
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # its own process group: a timeout also kills programs it started
     sys.path[:] = path  # import paths of the parent, for kind 'ase'
@@ -402,14 +404,32 @@ def _child_main(
 _CONTEXT: Any = None
 
 
-def _context() -> Any:
+# Modules the forkserver imports once for every child (importing PySCF's DFT and gradient
+# modules costs about 1 s, which each label paid again before). Importing runs no OpenMP
+# region, so forking after it is safe; each child sets its thread count at run time.
+_PRELOAD: dict[str, list[str]] = {
+    "pyscf": [
+        "pyscf.gto",
+        "pyscf.scf",
+        "pyscf.dft",
+        "pyscf.df",
+        "pyscf.grad.rks",
+        "pyscf.grad.uks",
+        "pyscf.df.grad.rks",
+        "pyscf.df.grad.uks",
+    ],
+}
+
+
+def _context(kind: str | None = None) -> Any:
     # forkserver, not fork: forking a parent that has run OpenMP code (tblite, PySCF) can hang
     # the child in libgomp. The server is a fresh process; each call forks from it (~40 ms).
+    # ``kind``: the reference kind of the first call, whose modules the server preloads.
     global _CONTEXT
     if _CONTEXT is None:
         if "forkserver" in mp.get_all_start_methods():
             _CONTEXT = mp.get_context("forkserver")
-            _CONTEXT.set_forkserver_preload([__name__])
+            _CONTEXT.set_forkserver_preload([__name__, *_PRELOAD.get(kind or "", [])])
         else:
             _CONTEXT = mp.get_context("spawn")
     return _CONTEXT
@@ -436,7 +456,7 @@ def _receive(receiver: Any, proc: Any, limit: float, what: str) -> tuple[str, An
 
 
 def _evaluate_in_child(atoms: Atoms, cfg: ReferenceConfig) -> tuple[float, np.ndarray]:
-    ctx = _context()
+    ctx = _context(cfg.kind)
     receiver, sender = ctx.Pipe(duplex=False)
     import torch  # the caller's thread count (mlforce.device.set_threads) goes to the child
 
