@@ -42,6 +42,11 @@ def set_threads(n: int) -> None:
     ``torch.set_num_threads`` also sets OpenMP's thread count of the calling thread, which
     tblite and PySCF follow. Under ``OMP_WAIT_POLICY=PASSIVE`` (the flow and the tests), two
     threads per task on a 2-core machine made training 2.0x and MD 2.6x slower than one
-    (docs/benchmarks.md section 15).
+    (docs/benchmarks.md section 15). The BLAS libraries numpy and SciPy loaded (OpenBLAS: one
+    thread per core from import on; PySCF's matrix work runs through them) are capped at ``n``
+    too, process-wide.
     """
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(n)
+    threadpool_limits(limits=n, user_api="blas")

@@ -386,6 +386,9 @@ def _child_main(
         sys.modules["torch"].set_num_threads(threads)
     if "pyscf.lib" in sys.modules:  # preloaded: its OpenMP read the server's environment
         sys.modules["pyscf.lib"].num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")  # numpy's OpenBLAS: a thread a core
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # its own process group: a timeout also kills programs it started
     sys.path[:] = path  # import paths of the parent, for kind 'ase'
