@@ -378,6 +378,7 @@ def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str,
 
     _, md, calc, model_hash = _walker_setup(run, round_)
     walker = spec["walker"]
+    calc.sample_index = walker  # prediction "sample": each walker its own posterior sample
     candidates: list[Atoms] = []
     summary = run_walker(
         calc,

@@ -153,8 +153,11 @@ class UncertaintyConfig(Strict):
 
     mc_samples: int = Field(16, ge=2, description="stochastic passes T, batched")
     seed: int = 0
-    prediction: Literal["deterministic", "mc_mean"] = Field(
-        "deterministic", description="forces used for MD: dropout off, or the MC mean"
+    prediction: Literal["deterministic", "mc_mean", "sample"] = Field(
+        "deterministic",
+        description="forces used for MD: dropout off, the MC mean, or one posterior sample per "
+        "walker (MC copy or committee member number = walker index: a fixed mask, a smooth "
+        "potential; the walkers explore where plausible models disagree with the mean)",
     )
     calibration: Literal["none", "scale", "robust", "per_element"] = Field(
         "robust",

@@ -18,7 +18,8 @@ FORCES_REF = "forces_ref"  # (n, 3) float, eV/Å, reference forces (training dat
 
 # --- result keys (ASE calculator results and model outputs) -------------------------------
 ENERGY = "energy"  # (B,) eV
-FORCES = "forces"  # (n, 3) eV/Å, deterministic model (or MC mean, if configured)
+FORCES = "forces"  # (n, 3) eV/Å, deterministic model (or MC mean, or one sample, if configured)
+POINT_FORCES = "point_forces"  # (n, 3) eV/Å, the model's own prediction when a sample drives MD
 STRESS = "stress"  # (B, 3, 3) eV/Å^3, ASE sign convention: (1/V) dE/d(strain)
 ENERGY_STD = "energy_std"  # (B,) eV, std over MC samples
 FORCES_STD = "forces_std"  # (n,) eV/Å, per atom: norm of the 3-component std over samples

@@ -42,14 +42,21 @@ class Lockstep:
         self.live = walkers
         self.cond = threading.Condition()
         self.pending: dict[int, tuple[Atoms, bool]] = {}
+        self.samples: dict[int, int] = {}
         self.ready: dict[int, dict[str, Any] | BaseException] = {}
         self.batches = 0  # batched calls made (one per lock-step, for benchmarks)
         self.structures = 0  # structures evaluated in them
 
-    def evaluate(self, walker: int, atoms: Atoms, uncertainty: bool) -> dict[str, Any]:
-        """Results for ``atoms`` from the next batched call (blocks until it has run)."""
+    def evaluate(
+        self, walker: int, atoms: Atoms, uncertainty: bool, sample_index: int | None = None
+    ) -> dict[str, Any]:
+        """Results for ``atoms`` from the next batched call (blocks until it has run).
+
+        ``sample_index``: the posterior sample driving this walker (``prediction="sample"``;
+        default: the walker's position in the group)."""
         with self.cond:
             self.pending[walker] = (atoms.copy(), uncertainty)
+            self.samples[walker] = walker if sample_index is None else sample_index
             self._flush_if_full()
             while walker not in self.ready:
                 self.cond.wait()
@@ -73,7 +80,9 @@ class Lockstep:
         self.pending.clear()
         try:
             with torch.inference_mode(False):
-                results: Sequence[dict[str, Any] | BaseException] = self.calc.predict(structures)
+                results: Sequence[dict[str, Any] | BaseException] = self.calc.predict(
+                    structures, [self.samples[w] for w in walkers]
+                )
         except BaseException as exc:  # every waiting walker gets the error
             results = [exc] * len(walkers)
         self.batches += 1
@@ -88,9 +97,10 @@ class LockstepCalculator(Calculator):
 
     implemented_properties = MLForceCalculator.implemented_properties
 
-    def __init__(self, group: Lockstep, walker: int) -> None:
+    def __init__(self, group: Lockstep, walker: int, sample_index: int | None = None) -> None:
         super().__init__()
         self.group, self.walker = group, walker
+        self.sample_index = walker if sample_index is None else sample_index
         self.checkpoint = group.calc.checkpoint
         self.prediction = group.calc.prediction
         self.uncertainty = True
@@ -103,7 +113,9 @@ class LockstepCalculator(Calculator):
     ) -> None:
         super().calculate(atoms, properties or ["energy"], system_changes)
         # predict() adds stress only for periodic batches (a batch is all one or the other)
-        self.results = self.group.evaluate(self.walker, self.atoms, self.uncertainty)
+        self.results = self.group.evaluate(
+            self.walker, self.atoms, self.uncertainty, self.sample_index
+        )
 
 
 def run_walkers(
@@ -129,16 +141,19 @@ def run_walkers(
     per_walker = per_walker or [{} for _ in range(n)]
     kwargs = [{"walker": i, **common, **per_walker[i]} for i in range(n)]
     if not lockstep or n == 1:
-        return [
-            run_walker(calc, starts[i], temperatures[i], md, seed=seeds[i], **kwargs[i])
-            for i in range(n)
-        ]
+        summaries = []
+        for i in range(n):
+            calc.sample_index = kwargs[i]["walker"]  # prediction "sample": the walker's own
+            summaries.append(
+                run_walker(calc, starts[i], temperatures[i], md, seed=seeds[i], **kwargs[i])
+            )
+        return summaries
     group = Lockstep(calc, n)
 
     def one(i: int) -> WalkerSummary:
         try:
             return run_walker(
-                LockstepCalculator(group, i),  # type: ignore[arg-type]
+                LockstepCalculator(group, i, kwargs[i]["walker"]),  # type: ignore[arg-type]
                 starts[i], temperatures[i], md, seed=seeds[i], **kwargs[i],
             )  # fmt: skip
         finally:

@@ -36,6 +36,7 @@ from ase.md.nvtberendsen import NVTBerendsen
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+from mlforce import keys
 from mlforce.calculators.ml import MLForceCalculator
 from mlforce.config import MDConfig, ReferenceConfig
 from mlforce.errors import ConfigError, StructureError
@@ -231,7 +232,9 @@ def run_walker(
         for _ in dyn.irun(steps):
             step = dyn.nsteps
             results = calc.results
-            model_forces = np.array(results["forces"])
+            model_forces = np.array(results["forces"])  # what drives the walker
+            # the model's own prediction, recorded with labels (differs when a sample drives)
+            point_forces = np.array(results.get(keys.POINT_FORCES, model_forces))
             frame = atoms.copy()
             frame.calc = None
             reason = guard_violation(atoms, model_forces, temperature, guards, start_bonds)
@@ -240,7 +243,7 @@ def run_walker(
                 guard_counts[reason] += 1
                 decision_name = reason
                 if guards.label_guard_frames and budget_used < cfg.label_budget:
-                    do_label(frame, model_forces, "guard", Decision("rollback", "guard", 0, 0), 0)
+                    do_label(frame, point_forces, "guard", Decision("rollback", "guard", 0, 0), 0)
                 if not rollback(reason):
                     _write(traj_fh, frame, step, dt_fs, results, decision_name)
                     break
@@ -258,20 +261,20 @@ def run_walker(
                 if d.action == "trust":
                     ring.append((step, atoms.get_positions(), atoms.get_momenta()))
                 elif d.action == "label":
-                    ref_forces = do_label(frame, model_forces, d.trigger, d, sigma, raw)
+                    ref_forces = do_label(frame, point_forces, d.trigger, d, sigma, raw)
                     if ref_forces is not None and cfg.mode == "on_the_fly":
                         # the next step's first half-kick uses the reference forces
                         calc.results["forces"] = ref_forces
                         ring.append((step, atoms.get_positions(), atoms.get_momenta()))
                 elif d.action == "candidate":
-                    do_label(frame, model_forces, d.trigger, d, sigma, raw)
+                    do_label(frame, point_forces, d.trigger, d, sigma, raw)
                     if cfg.after_candidate == "restart":
                         back_to_trusted()
                 elif d.action == "skip":
                     skipped[d.trigger] += 1
                 elif d.action == "rollback":
                     if cfg.label_on_upper and budget_used < cfg.label_budget:
-                        do_label(frame, model_forces, "uncertainty", d, sigma, raw)
+                        do_label(frame, point_forces, "uncertainty", d, sigma, raw)
                     if not rollback("upper"):
                         _write(traj_fh, frame, step, dt_fs, results, decision_name, sigma)
                         break

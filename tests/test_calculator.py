@@ -41,6 +41,34 @@ def test_forces_match_finite_differences(dropout_ckpt, ethanol):
     assert np.abs(mean - analytic).max() > 1e-6
 
 
+def test_a_posterior_sample_drives_md_as_a_conservative_field(dropout_ckpt, ethanol, tmp_path):
+    calc = MLForceCalculator(
+        dropout_ckpt, device="cpu", mc_samples=4, prediction="sample", sample_index=2
+    )
+    ethanol.calc = calc
+    forces = ethanol.get_forces()
+    mc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=4).predict([ethanol])[0]
+    assert np.allclose(forces, mc["forces_samples"][2], atol=1e-10)  # MC copy 2's mask
+    assert np.abs(forces - mc["forces"]).max() > 1e-3  # not the dropout-free model
+    assert np.allclose(calc.results["point_forces"], mc["forces"], atol=1e-10)  # recorded
+    assert np.abs(forces - calculate_numerical_forces(ethanol, eps=1e-5)).max() <= 1e-6
+    calc.uncertainty = False  # between checks: one stochastic pass, the same mask
+    assert np.allclose(calc.predict([ethanol])[0]["forces"], forces, atol=1e-10)
+    two = calc.predict([ethanol, ethanol.copy()], [6, 1])  # 6 = 2 mod 4
+    assert np.allclose(two[0]["forces"], forces, atol=1e-10)
+    assert np.allclose(two[1]["forces"], mc["forces_samples"][1], atol=1e-10)
+    # a committee: member k
+    members = [make_model(cutoff=4.5, seed=s) for s in (0, 1, 2)]
+    committee = save_checkpoint(tmp_path / "c", members)
+    calc = MLForceCalculator(committee, device="cpu", prediction="sample", sample_index=4)
+    out = calc.predict([ethanol])[0]
+    graph = batch_graphs([atoms_to_graph(ethanol, members[1].species, 4.5, torch.float64)])
+    member = compute_forces(members[1], graph, create_graph=False)["forces"].numpy()
+    assert np.allclose(out["forces"], member, atol=1e-6)
+    with pytest.raises(ConfigError, match="dropout model or a committee"):
+        MLForceCalculator(save_checkpoint(tmp_path / "d", members[0]), prediction="sample")
+
+
 def test_every_property_in_one_call(dropout_ckpt, ethanol):
     calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8)
     ethanol.calc = calc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mlforce.calculators.ml import MLForceCalculator
 from mlforce.config import MDConfig, ReferenceConfig, TriggerConfig
@@ -17,8 +18,9 @@ def md_config(**triggers) -> MDConfig:
     )  # fmt: skip
 
 
-def test_lockstep_equals_one_by_one(trained_checkpoint, xtb_frames, tmp_path):
-    calc = MLForceCalculator(trained_checkpoint, device="cpu", mc_samples=4)
+@pytest.mark.parametrize("prediction", ["deterministic", "sample"])
+def test_lockstep_equals_one_by_one(trained_checkpoint, xtb_frames, tmp_path, prediction):
+    calc = MLForceCalculator(trained_checkpoint, device="cpu", mc_samples=4, prediction=prediction)
     cfg = md_config(lower=0.05, upper=50.0, mode="collect", audit_probability=0.1)
     temps, seeds = [300.0, 500.0, 700.0], [3, 4, 5]
     runs = {}
@@ -41,6 +43,12 @@ def test_lockstep_equals_one_by_one(trained_checkpoint, xtb_frames, tmp_path):
             atol=1e-5,
         )  # fmt: skip
         assert np.allclose(a0[k].get_positions(), a1[k].get_positions(), atol=1e-5)
+    if prediction == "sample":  # each walker its own sample: not the dropout-free trajectory
+        runs_det = [xtb_frames[k].copy() for k in (0, 3, 6)]
+        det = MLForceCalculator(trained_checkpoint, device="cpu", mc_samples=4)
+        run_walkers(det, runs_det, temps, cfg, seeds, lockstep=False)
+        for k in range(3):
+            assert np.abs(runs_det[k].get_positions() - a0[k].get_positions()).max() > 1e-3
 
 
 def test_lockstep_batches_every_walker_in_one_call(trained_checkpoint, xtb_frames):

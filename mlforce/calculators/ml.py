@@ -4,7 +4,9 @@ One ``calculate()`` fills every property in ``implemented_properties``:
 
 * ``energy``/``free_energy`` (eV), ``forces`` (n, 3) eV/Å, ``stress`` (Voigt 6, eV/Å^3,
   periodic cells only): the deterministic model (dropout off) by default, or the MC mean with
-  ``prediction="mc_mean"``; for a committee checkpoint, the committee mean;
+  ``prediction="mc_mean"``, or one posterior sample with ``prediction="sample"`` (the MC
+  copy, or committee member, number ``sample_index`` of the T: a fixed mask, so a smooth
+  potential); for a committee checkpoint, the committee mean unless ``"sample"``;
 * ``energy_std`` (eV), ``forces_std`` (n,) eV/Å per atom (norm of the 3-component std over
   samples), ``max_force_std`` (eV/Å, max over atoms): **calibrated** with the checkpoint's
   calibration (an expected error) unless ``calibrated=False``;
@@ -32,6 +34,7 @@ from mlforce.device import resolve_device
 from mlforce.errors import ConfigError
 from mlforce.forces import compute_forces
 from mlforce.graph import atoms_to_graph, batch_graphs
+from mlforce.nn.dropout import DropoutKeys
 from mlforce.uncertainty import Prediction, apply_calibration, committee_predict, mc_predict
 
 _VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
@@ -66,12 +69,13 @@ class MLForceCalculator(Calculator):
         prediction: str = "deterministic",
         uncertainty: bool = True,
         calibrated: bool = True,
+        sample_index: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if prediction not in ("deterministic", "mc_mean"):
+        if prediction not in ("deterministic", "mc_mean", "sample"):
             raise ConfigError(
-                f"prediction must be 'deterministic' or 'mc_mean', got {prediction!r}"
+                f"prediction must be 'deterministic', 'mc_mean' or 'sample', got {prediction!r}"
             )
         self.device = resolve_device(device)
         self.checkpoint = (
@@ -86,7 +90,12 @@ class MLForceCalculator(Calculator):
             raise ConfigError("prediction 'mc_mean' needs uncertainty=True")
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
+        if prediction == "sample" and not (
+            self.checkpoint.is_ensemble or self.checkpoint.model.has_dropout
+        ):
+            raise ConfigError("prediction 'sample' needs a dropout model or a committee")
         self.prediction = prediction
+        self.sample_index = int(sample_index)
         self.uncertainty = uncertainty
         self.calibration = self.checkpoint.calibration if calibrated else {"method": "none"}
         self.dtype = next(self.checkpoint.model.parameters()).dtype
@@ -99,8 +108,14 @@ class MLForceCalculator(Calculator):
         ]
         return batch_graphs(graphs).to(self.device)
 
-    def predict(self, atoms_list: Sequence[Atoms]) -> list[dict[str, Any]]:
-        """Results for several structures in one batched pass (one dict per structure)."""
+    def predict(
+        self, atoms_list: Sequence[Atoms], sample_indices: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Results for several structures in one batched pass (one dict per structure).
+
+        ``sample_indices``: with ``prediction="sample"``, the posterior sample that gives each
+        structure its energy and forces (default: ``sample_index`` for all).
+        """
         graph = self._graph(atoms_list)
         periodic = bool(graph.pbc.all())
         if any(bool(a.pbc.any()) != periodic for a in atoms_list):
@@ -111,7 +126,13 @@ class MLForceCalculator(Calculator):
             pred = committee_predict(ckpt.models, graph, compute_stress=periodic)
         elif self.uncertainty and ckpt.model.has_dropout:  # without dropout σ is exactly 0
             pred = mc_predict(ckpt.model, graph, self.mc_samples, self.seed, periodic)
-        if pred is None:
+        if self.prediction == "sample":
+            if periodic:
+                raise ConfigError("prediction 'sample' drives molecular MD only (no stress)")
+            indices = sample_indices or [self.sample_index] * len(atoms_list)
+            energy, forces = self._sample(graph, pred, indices)
+            stress = None
+        elif pred is None:
             out = compute_forces(ckpt.model, graph, create_graph=False, compute_stress=periodic)
             energy, forces, stress = out[keys.ENERGY], out[keys.FORCES], out.get(keys.STRESS)
         elif self.prediction == "mc_mean" and not ckpt.is_ensemble:
@@ -131,6 +152,8 @@ class MLForceCalculator(Calculator):
             if stress is not None:
                 s = stress[b].cpu().numpy().astype(np.float64)
                 r["stress"] = np.array([s[i, j] for i, j in _VOIGT])
+            if self.prediction == "sample" and pred is not None:
+                r[keys.POINT_FORCES] = pred.forces[lo:hi].cpu().numpy().astype(np.float64)
             if pred is not None and stats is not None:
                 r[keys.ENERGY_STD] = float(stats[keys.ENERGY_STD][b])
                 r[keys.FORCES_STD] = stats[keys.FORCES_STD][lo:hi].cpu().numpy().astype(np.float64)
@@ -145,6 +168,28 @@ class MLForceCalculator(Calculator):
                 r["max_force_std_raw"] = 0.0
             results.append(r)
         return results
+
+    def _sample(
+        self, graph: Any, pred: Prediction | None, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energy (B,) and forces (n, 3) of posterior sample ``indices[b]`` for each graph b.
+
+        Sample k is MC copy ``k mod T`` (the same dropout key as in :func:`mc_predict`, so the
+        same mask whether or not σ is computed alongside) or member ``k mod M`` of a committee.
+        """
+        device = graph.pos.device
+        if pred is not None:
+            k = torch.as_tensor(indices, device=device) % pred.n_samples
+            energy = pred.energy_samples[k, torch.arange(len(indices), device=device)]
+            atoms = torch.arange(graph.pos.shape[0], device=device)
+            return energy, pred.forces_samples[k[graph.batch], atoms]
+        k = torch.as_tensor(indices, device=device) % self.mc_samples
+        all_keys = DropoutKeys.for_samples(self.seed, self.mc_samples, 1, graph.pos.device)
+        out = compute_forces(
+            self.checkpoint.model, graph, create_graph=False,
+            dropout=DropoutKeys(all_keys.graph_keys[k]),
+        )  # fmt: skip
+        return out[keys.ENERGY], out[keys.FORCES]
 
     def calculate(
         self,
