@@ -484,7 +484,7 @@ def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, see
         return
     dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
-    pred = predict_dataset(ckpt.models, graphs, samples, seed)
+    pred = predict_dataset(ckpt.models, graphs, samples, seed, local_radius=ckpt.local_radius)
     calibrated, raw = pred.max_force_std(ckpt.calibration), pred.max_force_std()
     for frame, value, value_raw in zip(frames, calibrated, raw):
         if "max_force_std" in frame.info:

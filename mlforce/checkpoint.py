@@ -62,6 +62,12 @@ class Checkpoint:
         return int(self.calibration.get("mc_samples", 16))
 
     @property
+    def local_radius(self) -> float | None:
+        """Å: max_force_std is that of the worst neighbourhood of this radius (None: atom)."""
+        radius = self.calibration.get("local_radius")
+        return float(radius) if radius else None
+
+    @property
     def cutoff(self) -> float:
         return self.models[0].cutoff
 

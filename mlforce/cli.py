@@ -120,7 +120,7 @@ def run_evaluation(
     seed = 0 if seed is None else seed
     if mc_samples is None:
         mc_samples = ckpt.mc_samples
-    pred = predict_dataset(ckpt.models, graphs, mc_samples, seed)
+    pred = predict_dataset(ckpt.models, graphs, mc_samples, seed, local_radius=ckpt.local_radius)
     metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
     metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"
     return metrics

@@ -163,6 +163,14 @@ class UncertaintyConfig(Strict):
         "robust",
         description="σ -> expected error: robust (median) scale, likelihood scale, per element",
     )
+    local_radius: float | None = Field(
+        None,
+        gt=0,
+        description="Å: max_force_std is the largest per-atom σ after averaging each atom's σ "
+        "over the atoms within this distance (the worst neighbourhood, less MC sampling noise "
+        "than the worst atom; docs/benchmarks.md 19); None: the largest per-atom σ. At most "
+        "model.cutoff",
+    )
     label_samples: int | None = Field(
         64,
         ge=2,

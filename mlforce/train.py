@@ -27,7 +27,7 @@ from mlforce import keys
 from mlforce.config import Config
 from mlforce.data import graphs_from_frames, species_of
 from mlforce.device import resolve_device, set_threads
-from mlforce.errors import StructureError
+from mlforce.errors import ConfigError, StructureError
 from mlforce.evaluate import evaluate_graphs, predict_graphs
 from mlforce.forces import compute_forces
 from mlforce.graph import batch_graphs, reference_labels
@@ -281,6 +281,13 @@ def train_models(
         calibration = calibrate(members, val_device, u.mc_samples, u.seed, u.calibration)
         if len(members) == 1:
             calibration["mc_samples"] = u.mc_samples  # the T the scale was fitted with
+        if u.local_radius:
+            if u.local_radius > members[0].cutoff:
+                raise ConfigError(
+                    f"uncertainty.local_radius {u.local_radius} Å exceeds the model cutoff "
+                    f"{members[0].cutoff} Å"
+                )
+            calibration["local_radius"] = u.local_radius  # σ of the worst neighbourhood
         log(f"uncertainty calibration on {len(val_graphs)} validation frames: {calibration}")
     return TrainResult(members, metrics, histories, calibration)
 

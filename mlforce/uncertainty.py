@@ -9,7 +9,9 @@ Definitions (std over samples, ``ddof = 0`` as ``numpy.std``):
 * ``forces_std_xyz`` (n, 3): std of each force component, eV/Å;
 * ``forces_std`` (n,): per-atom std, the norm of the 3-component std,
   ``sqrt(std_x^2 + std_y^2 + std_z^2)``, eV/Å;
-* ``max_force_std`` (B,): the largest ``forces_std`` in each structure, eV/Å;
+* ``max_force_std`` (B,): the largest ``forces_std`` in each structure, eV/Å; with a
+  ``local_radius`` (Å) each atom's σ is first averaged over the atoms within that distance
+  (:func:`local_mean`), so it is the σ of the worst neighbourhood;
 * ``energy_std`` (B,): std of the total energy, eV.
 
 Raw values come from the samples; :func:`apply_calibration` multiplies stds by the scale fitted
@@ -43,6 +45,7 @@ class Prediction:
     forces_samples: Tensor  # (T, n, 3) eV/Å
     batch: Tensor  # (n,) graph of each atom
     stress: Tensor | None = None  # (B, 3, 3) eV/Å^3
+    pairs: Tensor | None = None  # (2, P) atom pairs within local_radius (None: no averaging)
 
     @property
     def n_samples(self) -> int:
@@ -70,10 +73,34 @@ class Prediction:
 
     @property
     def max_force_std(self) -> Tensor:
-        per_atom = self.forces_std
-        n_graphs = int(self.energy.shape[0])
-        out = torch.zeros(n_graphs, dtype=per_atom.dtype, device=per_atom.device)
-        return out.scatter_reduce(0, self.batch, per_atom, reduce="amax", include_self=True)
+        return structure_max(local_mean(self.forces_std, self.pairs), self.batch, len(self.energy))
+
+
+def local_pairs(graph: Any, radius: float | None) -> Tensor | None:
+    """(2, P) the graph's directed edges (source, target) shorter than ``radius`` Å; None if no
+    radius. Every pair within the model's cutoff is an edge, so ``radius`` must not exceed it."""
+    if not radius:
+        return None
+    from mlforce.model import edge_vectors
+
+    length = torch.linalg.norm(edge_vectors(graph), dim=1)
+    return graph.edge_index[:, length < radius]
+
+
+def local_mean(per_atom: Tensor, pairs: Tensor | None) -> Tensor:
+    """Per-atom values (n,) averaged over each atom and its ``pairs`` neighbours (n,)."""
+    if pairs is None:
+        return per_atom
+    source, target = pairs[0], pairs[1]
+    total = per_atom.clone().index_add_(0, target, per_atom[source])
+    count = torch.ones_like(per_atom).index_add_(0, target, torch.ones_like(per_atom[source]))
+    return total / count
+
+
+def structure_max(per_atom: Tensor, batch: Tensor, n_graphs: int) -> Tensor:
+    """Largest per-atom value of each graph (B,)."""
+    out = torch.zeros(n_graphs, dtype=per_atom.dtype, device=per_atom.device)
+    return out.scatter_reduce(0, batch, per_atom, reduce="amax", include_self=True)
 
 
 def default_max_edges(device: torch.device) -> int:
@@ -93,11 +120,13 @@ def mc_predict(
     seed: int = 0,
     compute_stress: bool = False,
     max_edges: int | None = None,
+    local_radius: float | None = None,
 ) -> Prediction:
     """Deterministic prediction and ``n_samples`` MC-dropout samples, batched.
 
     The T + 1 copies (copy 0 with dropout off) are evaluated as disjoint graphs, as many per
     forward + backward pass as fit in ``max_edges`` (default :func:`default_max_edges`).
+    ``local_radius`` (Å): ``max_force_std`` of the worst neighbourhood (:func:`local_mean`).
     """
     if n_samples < 2:
         raise ValueError(f"MC uncertainty needs at least 2 samples, got {n_samples}")
@@ -129,11 +158,17 @@ def mc_predict(
     energy = torch.cat(energies)
     force = torch.cat(forces)
     stress = torch.cat(stresses)[0] if compute_stress else None
-    return Prediction(energy[0], force[0], energy[1:], force[1:], _batch_vector(graph), stress)
+    return Prediction(
+        energy[0], force[0], energy[1:], force[1:], _batch_vector(graph), stress,
+        local_pairs(graph, local_radius),
+    )  # fmt: skip
 
 
 def committee_predict(
-    models: Sequence[ForceField], graph: Any, compute_stress: bool = False
+    models: Sequence[ForceField],
+    graph: Any,
+    compute_stress: bool = False,
+    local_radius: float | None = None,
 ) -> Prediction:
     """A deep ensemble: member predictions as samples, their mean as the prediction."""
     outs = [
@@ -142,7 +177,10 @@ def committee_predict(
     energy = torch.stack([o[keys.ENERGY] for o in outs])
     forces = torch.stack([o[keys.FORCES] for o in outs])
     stress = torch.stack([o[keys.STRESS] for o in outs]).mean(0) if compute_stress else None
-    return Prediction(energy.mean(0), forces.mean(0), energy, forces, _batch_vector(graph), stress)
+    return Prediction(
+        energy.mean(0), forces.mean(0), energy, forces, _batch_vector(graph), stress,
+        local_pairs(graph, local_radius),
+    )  # fmt: skip
 
 
 # --- calibration -----------------------------------------------------------------------------
@@ -212,8 +250,7 @@ def apply_calibration(
     factors = calibration_factors(calibration, numbers).to(prediction.forces.dtype)
     forces_std = prediction.forces_std * factors
     n_graphs = int(prediction.energy.shape[0])
-    max_std = torch.zeros(n_graphs, dtype=forces_std.dtype, device=forces_std.device)
-    max_std = max_std.scatter_reduce(0, prediction.batch, forces_std, "amax", include_self=True)
+    max_std = structure_max(local_mean(forces_std, prediction.pairs), prediction.batch, n_graphs)
     global_scale = float(calibration.get("scale", 1.0)) if calibration.get("method") else 1.0
     return {
         keys.FORCES_STD: forces_std,
@@ -236,6 +273,7 @@ class DatasetPrediction:
     energy_std: np.ndarray  # (N,) eV, raw
     numbers: list[np.ndarray]  # [(n_b,)] atomic numbers
     seconds: float = 0.0  # wall time of all predictions
+    pairs: list[np.ndarray] | None = None  # [(2, P_b)] pairs within local_radius, per structure
 
     def forces_std(self, calibration: dict[str, Any] | None = None) -> list[np.ndarray]:
         """Per-atom std (n_b,) per structure, calibrated when ``calibration`` is given."""
@@ -248,8 +286,15 @@ class DatasetPrediction:
         return out
 
     def max_force_std(self, calibration: dict[str, Any] | None = None) -> np.ndarray:
-        """(N,) largest per-atom std of each structure, calibrated when asked."""
-        return np.array([s.max() for s in self.forces_std(calibration)])
+        """(N,) largest per-atom std of each structure (of the worst neighbourhood when
+        predicted with a ``local_radius``), calibrated when asked."""
+        per_atom = self.forces_std(calibration)
+        if self.pairs is not None:
+            per_atom = [
+                local_mean(torch.as_tensor(s), torch.as_tensor(p)).numpy()
+                for s, p in zip(per_atom, self.pairs)
+            ]
+        return np.array([s.max() for s in per_atom])
 
 
 def predict_dataset(
@@ -258,8 +303,12 @@ def predict_dataset(
     mc_samples: int = 16,
     seed: int = 0,
     batch_size: int = 8,
+    local_radius: float | None = None,
 ) -> DatasetPrediction:
-    """MC-dropout (one model) or committee (several) predictions for many graphs."""
+    """MC-dropout (one model) or committee (several) predictions for many graphs.
+
+    ``local_radius`` (Å): keep each structure's atom pairs within it, so that
+    :meth:`DatasetPrediction.max_force_std` is that of the worst neighbourhood."""
     import time
 
     from mlforce.graph import batch_graphs
@@ -267,13 +316,14 @@ def predict_dataset(
     device = next(models[0].parameters()).device
     energy, energy_std = [], []
     forces, forces_mean, forces_std, numbers = [], [], [], []
+    pairs: list[np.ndarray] = []
     start = time.perf_counter()
     for lo in range(0, len(graphs), batch_size):
         batch = batch_graphs(graphs[lo : lo + batch_size]).to(device)
         if len(models) > 1:
-            pred = committee_predict(models, batch)
+            pred = committee_predict(models, batch, local_radius=local_radius)
         else:
-            pred = mc_predict(models[0], batch, mc_samples, seed)
+            pred = mc_predict(models[0], batch, mc_samples, seed, local_radius=local_radius)
         counts = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
         cuts = np.cumsum(counts)[:-1]
 
@@ -286,6 +336,11 @@ def predict_dataset(
         forces_mean += split(pred.forces_mean)
         forces_std += split(pred.forces_std_xyz)
         numbers += np.split(batch.numbers.cpu().numpy(), cuts)
+        if pred.pairs is not None:
+            p = pred.pairs.cpu().numpy()
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            owner = batch.batch.cpu().numpy()[p[1]]
+            pairs += [p[:, owner == b] - starts[b] for b in range(len(counts))]
     return DatasetPrediction(
         np.concatenate(energy),
         forces,
@@ -294,6 +349,7 @@ def predict_dataset(
         np.concatenate(energy_std),
         numbers,
         time.perf_counter() - start,
+        pairs if local_radius else None,
     )
 
 

@@ -69,6 +69,37 @@ def test_a_posterior_sample_drives_md_as_a_conservative_field(dropout_ckpt, etha
         MLForceCalculator(save_checkpoint(tmp_path / "d", members[0]), prediction="sample")
 
 
+def test_local_radius_gives_the_sigma_of_the_worst_neighbourhood(tmp_path, ethanol):
+    from ase.build import bulk
+
+    from mlforce.uncertainty import predict_dataset
+
+    model = make_model(node=0.15, edge=0.15, cutoff=4.5)
+    cal = {"method": "robust", "scale": 1.7, "mc_samples": 8}
+    plain = MLForceCalculator(save_checkpoint(tmp_path / "a", model, cal), device="cpu")
+    local = MLForceCalculator(
+        save_checkpoint(tmp_path / "b", model, {**cal, "local_radius": 3.0}), device="cpu"
+    )
+    assert local.checkpoint.local_radius == 3.0 and plain.checkpoint.local_radius is None
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)  # 7.2 Å: one image per neighbour
+    copper.rattle(0.1, seed=1)
+    for atoms in (ethanol, copper):
+        a, b = plain.predict([atoms])[0], local.predict([atoms])[0]
+        assert np.allclose(a["forces_std"], b["forces_std"])  # per atom: unchanged
+        assert a["max_force_std"] == pytest.approx(a["forces_std"].max())
+        d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+        near = (d < 3.0).astype(float)  # each atom and its neighbours closer than 3 Å
+        expected = (near @ a["forces_std"] / near.sum(1)).max()
+        assert b["max_force_std"] == pytest.approx(expected, rel=1e-9)
+        assert b["max_force_std"] < a["max_force_std"]
+        assert b["max_force_std_raw"] == pytest.approx(expected / 1.7, rel=1e-9)
+    # whole data sets (evaluate, re-scored labels) agree with the calculator
+    graphs = [atoms_to_graph(x, model.species, 4.5, torch.float64) for x in (ethanol, ethanol)]
+    pred = predict_dataset([local.checkpoint.model], graphs, 8, 0, local_radius=3.0)
+    one = local.predict([ethanol])[0]["max_force_std"]
+    assert np.allclose(pred.max_force_std(local.checkpoint.calibration), one, rtol=1e-9)
+
+
 def test_every_property_in_one_call(dropout_ckpt, ethanol):
     calc = MLForceCalculator(dropout_ckpt, device="cpu", mc_samples=8)
     ethanol.calc = calc

@@ -33,3 +33,22 @@ def test_training_does_not_depend_on_wall_time_when_the_budget_does_not_bind(
     assert fast.keys() == slow.keys()
     for key in fast:
         assert torch.equal(fast[key], slow[key]), key
+
+
+def test_the_checkpoint_records_the_local_radius_and_refuses_one_beyond_the_cutoff(xtb_frames):
+    import pytest
+
+    from mlforce.errors import ConfigError
+
+    def config(radius):
+        return Config.model_validate({
+            "device": "cpu",
+            "model": {"features": 16, "blocks": 2, "radial_basis": 8, "cutoff": 4.5},
+            "training": {"max_epochs": 1, "batch_size": 8, "threads": 1},
+            "uncertainty": {"mc_samples": 4, "local_radius": radius},
+        })  # fmt: skip
+
+    result = train_models(xtb_frames[:16], xtb_frames[16:20], config(3.0), log=lambda m: None)
+    assert result.calibration["local_radius"] == 3.0
+    with pytest.raises(ConfigError, match="exceeds the model cutoff"):
+        train_models(xtb_frames[:16], xtb_frames[16:20], config(6.0), log=lambda m: None)

@@ -8,7 +8,8 @@ One ``calculate()`` fills every property in ``implemented_properties``:
   copy, or committee member, number ``sample_index`` of the T: a fixed mask, so a smooth
   potential); for a committee checkpoint, the committee mean unless ``"sample"``;
 * ``energy_std`` (eV), ``forces_std`` (n,) eV/Å per atom (norm of the 3-component std over
-  samples), ``max_force_std`` (eV/Å, max over atoms): **calibrated** with the checkpoint's
+  samples), ``max_force_std`` (eV/Å, max over atoms, or over neighbourhoods when the
+  checkpoint has a ``local_radius``): **calibrated** with the checkpoint's
   calibration (an expected error) unless ``calibrated=False``;
 * ``max_force_std_raw`` (eV/Å), ``energy_samples`` (T,) eV and ``forces_samples`` (T, n, 3)
   eV/Å: the raw MC (or committee) samples behind the statistics.
@@ -123,9 +124,12 @@ class MLForceCalculator(Calculator):
         ckpt = self.checkpoint
         pred: Prediction | None = None
         if ckpt.is_ensemble:
-            pred = committee_predict(ckpt.models, graph, compute_stress=periodic)
+            pred = committee_predict(ckpt.models, graph, periodic, ckpt.local_radius)
         elif self.uncertainty and ckpt.model.has_dropout:  # without dropout σ is exactly 0
-            pred = mc_predict(ckpt.model, graph, self.mc_samples, self.seed, periodic)
+            pred = mc_predict(
+                ckpt.model, graph, self.mc_samples, self.seed, periodic,
+                local_radius=ckpt.local_radius,
+            )  # fmt: skip
         if self.prediction == "sample":
             if periodic:
                 raise ConfigError("prediction 'sample' drives molecular MD only (no stress)")
