@@ -86,7 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluation(
-    checkpoint: str, data: str, mc_samples: int | str | None = None, seed: int | None = None
+    checkpoint: str,
+    data: str,
+    mc_samples: int | str | None = None,
+    seed: int | None = None,
+    local_radius: float | None = None,
 ) -> dict:
     """Metrics of a checkpoint on a labelled structure file.
 
@@ -94,6 +98,7 @@ def run_evaluation(
     committee checkpoint) also the uncertainty quality: ``spearman_max_force``,
     ``auroc_top10``, ``miscalibration_area`` (calibrated) and ``mean_max_force_std``.
     ``mc_samples="auto"`` samples the T the checkpoint's calibration was fitted with.
+    ``local_radius`` (Å; None: the checkpoint's; 0: off): σ of the worst neighbourhood.
     """
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames, read_labelled
@@ -120,14 +125,20 @@ def run_evaluation(
     seed = 0 if seed is None else seed
     if mc_samples is None:
         mc_samples = ckpt.mc_samples
-    pred = predict_dataset(ckpt.models, graphs, mc_samples, seed, local_radius=ckpt.local_radius)
+    radius = ckpt.local_radius if local_radius is None else local_radius
+    if radius and radius > ckpt.cutoff:
+        raise MlforceError(f"--local-radius {radius} Å exceeds the model cutoff {ckpt.cutoff} Å")
+    pred = predict_dataset(ckpt.models, graphs, mc_samples, seed, local_radius=radius or None)
     metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
+    metrics["local_radius"] = radius or None
     metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"
     return metrics
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    metrics = run_evaluation(args.checkpoint, args.data, args.mc_samples, args.seed)
+    metrics = run_evaluation(
+        args.checkpoint, args.data, args.mc_samples, args.seed, args.local_radius
+    )
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -418,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
         "alone or 'auto': the T the checkpoint was calibrated with",
     )  # fmt: skip
     p.add_argument("--seed", type=int, help="seed of the MC dropout masks (default 0)")
+    p.add_argument(
+        "--local-radius", type=float, metavar="Å",
+        help="rank by the σ of the worst neighbourhood of this radius (default: the "
+        "checkpoint's uncertainty.local_radius; 0: of the worst atom)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("md", help="uncertainty-driven MD with reference labels when unsure")

@@ -81,6 +81,16 @@ def test_local_radius_gives_the_sigma_of_the_worst_neighbourhood(tmp_path, ethan
         save_checkpoint(tmp_path / "b", model, {**cal, "local_radius": 3.0}), device="cpu"
     )
     assert local.checkpoint.local_radius == 3.0 and plain.checkpoint.local_radius is None
+    override = MLForceCalculator(plain.checkpoint, device="cpu", local_radius=3.0)
+    off = MLForceCalculator(local.checkpoint, device="cpu", local_radius=0)
+    assert override.predict([ethanol])[0]["max_force_std"] == pytest.approx(
+        local.predict([ethanol])[0]["max_force_std"], rel=1e-12
+    )
+    assert off.predict([ethanol])[0]["max_force_std"] == pytest.approx(
+        plain.predict([ethanol])[0]["max_force_std"], rel=1e-12
+    )
+    with pytest.raises(ConfigError, match="exceeds the model cutoff"):
+        MLForceCalculator(plain.checkpoint, device="cpu", local_radius=6.0)
     copper = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)  # 7.2 Å: one image per neighbour
     copper.rattle(0.1, seed=1)
     for atoms in (ethanol, copper):
@@ -228,3 +238,12 @@ def test_evaluate_cli_reports_uncertainty_quality(trained_checkpoint, xtb_frames
     assert 0 <= metrics["miscalibration_area"] <= 0.5 and metrics["n_configs"] == 20
     assert main(["evaluate", str(trained_checkpoint), str(data), "--mc-samples", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+    # σ of the worst 3 Å neighbourhood: smaller than the worst atom's, scored the same way
+    args = ["evaluate", str(trained_checkpoint), str(data), "--mc-samples", "4", "--json"]
+    assert main([*args, "--local-radius", "3.0"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert local["local_radius"] == 3.0 and metrics["local_radius"] is None
+    assert local["force_mae"] == metrics["force_mae"]
+    assert 0 < local["mean_max_force_std"] < metrics["mean_max_force_std"]
+    assert main([*args, "--local-radius", "9"]) == 2
+    assert "exceeds the model cutoff" in capsys.readouterr().err

@@ -46,6 +46,8 @@ class MLForceCalculator(Calculator):
 
     ``mc_samples=None`` uses the T the checkpoint's calibration was fitted with (the training
     config's ``uncertainty.mc_samples``; 16 for checkpoints that do not record it).
+    ``local_radius`` (Å): ``max_force_std`` of the worst neighbourhood of this radius
+    (``None``: the checkpoint's ``uncertainty.local_radius``; ``0``: of the worst atom).
     """
 
     implemented_properties = [
@@ -71,6 +73,7 @@ class MLForceCalculator(Calculator):
         uncertainty: bool = True,
         calibrated: bool = True,
         sample_index: int = 0,
+        local_radius: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -91,6 +94,13 @@ class MLForceCalculator(Calculator):
             raise ConfigError("prediction 'mc_mean' needs uncertainty=True")
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
+        # Å: σ of the worst neighbourhood (None: the checkpoint's setting; 0: the worst atom)
+        self.local_radius = self.checkpoint.local_radius if local_radius is None else local_radius
+        if self.local_radius and self.local_radius > self.checkpoint.cutoff:
+            raise ConfigError(
+                f"local_radius {self.local_radius} Å exceeds the model cutoff "
+                f"{self.checkpoint.cutoff} Å"
+            )
         if prediction == "sample" and not (
             self.checkpoint.is_ensemble or self.checkpoint.model.has_dropout
         ):
@@ -124,11 +134,11 @@ class MLForceCalculator(Calculator):
         ckpt = self.checkpoint
         pred: Prediction | None = None
         if ckpt.is_ensemble:
-            pred = committee_predict(ckpt.models, graph, periodic, ckpt.local_radius)
+            pred = committee_predict(ckpt.models, graph, periodic, self.local_radius)
         elif self.uncertainty and ckpt.model.has_dropout:  # without dropout σ is exactly 0
             pred = mc_predict(
                 ckpt.model, graph, self.mc_samples, self.seed, periodic,
-                local_radius=ckpt.local_radius,
+                local_radius=self.local_radius,
             )  # fmt: skip
         if self.prediction == "sample":
             if periodic:
