@@ -84,6 +84,9 @@ def main() -> None:
             c = calc(mc_samples=t)
             row[f"mc{t}_batched_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
 
+        for t in (16, 32):  # σ of the worst 3 Å neighbourhood (uncertainty.local_radius)
+            c = calc(mc_samples=t, local_radius=3.0)
+            row[f"mc{t}_local3_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
         n_graphs = len(structures)
         keys16 = DropoutKeys.for_samples(0, 16, n_graphs, device).graph_keys
 
@@ -101,6 +104,8 @@ def main() -> None:
         row["mc8_batched_over_deterministic"] = row["mc8_batched_ms"] / d
         row["mc32_batched_over_deterministic"] = row["mc32_batched_ms"] / d
         row["mc64_batched_over_deterministic"] = row["mc64_batched_ms"] / d
+        row["mc16_local3_over_deterministic"] = row["mc16_local3_ms"] / d
+        row["mc32_local3_over_deterministic"] = row["mc32_local3_ms"] / d
         results[name] = row
     print(json.dumps(results, indent=1))
 
