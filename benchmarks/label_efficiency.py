@@ -246,7 +246,7 @@ def plot(result: dict, png: str) -> None:
     tests = result["tests"]
     fig, axes = plt.subplots(1, len(tests), figsize=(4.6 * len(tests), 3.6), sharey=True)
     axes = np.atleast_1d(axes)
-    styles = ["o-", "s--", "^-.", "d:", "v-"]
+    styles = ["o-", "s--", "^-.", "d:", "v-", "P--", "X-.", "*:", "h-"]  # up to 9 strategies
     for ax, test in zip(axes, tests, strict=True):
         for (name, data), style in zip(result["strategies"].items(), styles, strict=False):
             curves = data["summary"][test]["curves"]
