@@ -198,7 +198,7 @@ class MLForceCalculator(Calculator):
             atoms = torch.arange(graph.pos.shape[0], device=device)
             return energy, pred.forces_samples[k[graph.batch], atoms]
         k = torch.as_tensor(indices, device=device) % self.mc_samples
-        all_keys = DropoutKeys.for_samples(self.seed, self.mc_samples, 1, graph.pos.device)
+        all_keys = DropoutKeys.for_samples(self.seed, self.mc_samples, 1, device)
         out = compute_forces(
             self.checkpoint.model, graph, create_graph=False,
             dropout=DropoutKeys(all_keys.graph_keys[k]),
