@@ -251,10 +251,13 @@ def test_bad_input_fails_before_any_work(harness, tmp_path):
 
 
 @pytest.mark.parametrize("peer", ["silent", "garbage"])
-def test_a_dask_address_where_something_else_listens_fails_fast(tmp_path, peer):
+def test_a_dask_address_where_something_else_listens_fails_fast(tmp_path, peer, monkeypatch):
     import socket as socket_
 
     from flows.active_learning import run_campaign
+
+    # the mechanism, not the shipped 5 s: a silent peer costs 3 timeouts of this test's 1 s
+    monkeypatch.setattr("flows.active_learning.DASK_CONNECT_TIMEOUT_S", 1)
 
     server = socket_.socket()
     server.bind(("127.0.0.1", 0))
