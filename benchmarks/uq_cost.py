@@ -24,6 +24,7 @@ from mlforce.config import load_config
 from mlforce.forces import compute_forces
 from mlforce.model import ForceField
 from mlforce.nn.dropout import DropoutKeys
+from mlforce.uncertainty import MASK_CACHE
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -74,6 +75,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "model": ckpt.model.config.model_dump(),
     }
+    cache_limit = MASK_CACHE.max_elements
     for name, structures, repeats in (
         ("ethanol", [ethanol], args.repeats),
         (f"batch{args.batch}", walkers, max(3, args.repeats // 5)),
@@ -84,6 +86,11 @@ def main() -> None:
             c = calc(mc_samples=t)
             row[f"mc{t}_batched_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
 
+        for t in (16, 32):  # the same without reusing masks between calls (MaskCache off)
+            c = calc(mc_samples=t)
+            MASK_CACHE.max_elements = 0
+            row[f"mc{t}_nocache_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
+            MASK_CACHE.max_elements = cache_limit
         for t in (16, 32):  # σ of the worst 3 Å neighbourhood (uncertainty.local_radius)
             c = calc(mc_samples=t, local_radius=3.0)
             row[f"mc{t}_local3_ms"] = median_ms(lambda c=c, s=structures: c.predict(s), repeats)
@@ -104,6 +111,8 @@ def main() -> None:
         row["mc8_batched_over_deterministic"] = row["mc8_batched_ms"] / d
         row["mc32_batched_over_deterministic"] = row["mc32_batched_ms"] / d
         row["mc64_batched_over_deterministic"] = row["mc64_batched_ms"] / d
+        row["mc16_nocache_over_deterministic"] = row["mc16_nocache_ms"] / d
+        row["mc32_nocache_over_deterministic"] = row["mc32_nocache_ms"] / d
         row["mc16_local3_over_deterministic"] = row["mc16_local3_ms"] / d
         row["mc32_local3_over_deterministic"] = row["mc32_local3_ms"] / d
         results[name] = row

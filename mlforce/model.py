@@ -174,7 +174,7 @@ class ForceField(nn.Module):
         basis = self.basis(dist)
         envelope = self.envelope(dist)
         s = self.embedding(graph.species).to(pos.dtype)
-        v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=pos.dtype, device=pos.device)
+        v = None  # vector features (n, 3, F), all zero until the first message
         ctx = _Context(dropout, batch, graph.local_atom)
         first_stochastic = self.first_stochastic_block
         for b, block in enumerate(self.blocks):

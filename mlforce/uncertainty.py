@@ -32,7 +32,9 @@ from mlforce import keys
 from mlforce.forces import compute_forces
 from mlforce.graph import replicate
 from mlforce.model import ForceField, _batch_vector, _num_graphs
-from mlforce.nn.dropout import DropoutKeys
+from mlforce.nn.dropout import DropoutKeys, MaskCache
+
+MASK_CACHE = MaskCache()  # MC masks of walkers evaluated again with the same seed (mc_predict)
 
 
 @dataclass
@@ -144,12 +146,19 @@ def mc_predict(
     for first in range(0, copies, per_pass):
         count = min(per_pass, copies - first)
         sl = slice(first * n_graphs, (first + count) * n_graphs)
+        batch = _batch_vector(graph)
+        masks = MASK_CACHE.masks_for(
+            (seed, n_samples, first, count, n_graphs, str(device)),
+            atoms=(batch, graph.local_atom),
+            pairs=(graph.edge_index, graph.cell_shift),
+            elements=count * max(n * model.config.features, graph.edge_index.shape[1]),
+        )
         out = compute_forces(
             model,
             replicate(graph, count),
             create_graph=False,
             compute_stress=compute_stress,
-            dropout=DropoutKeys(graph_keys[sl], active[sl]),
+            dropout=DropoutKeys(graph_keys[sl], active[sl], masks),
         )
         energies.append(out[keys.ENERGY].reshape(count, n_graphs))
         forces.append(out[keys.FORCES].reshape(count, n, 3))

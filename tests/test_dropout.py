@@ -155,3 +155,40 @@ def test_mc_dropout_blocks_moves_dropout_at_inference_only(ethanol):
     assert not variants[0].has_dropout and variants[1].has_dropout
     assert torch.equal(e_train0, e[None])  # train mode: every block, as trained
     assert not torch.equal(e[1], e[None]) and not torch.equal(e[1], e_det)
+
+
+def test_mask_cache_reuses_masks_only_while_atoms_and_pairs_are_the_same(ethanol):
+    """Repeated MC calls on one walker reuse the stored masks; other atoms or pairs do not."""
+    import mlforce.nn.dropout as dropout_module
+    from mlforce.uncertainty import MASK_CACHE, mc_predict
+
+    model = make_model(node=0.2, edge=0.2)
+    hashed = []
+    real = dropout_module._node_weight
+    stretched = ethanol.copy()
+    stretched.positions[0] += [2.5, 0.0, 0.0]  # an H atom moves away: other pairs, same atoms
+    water = molecule("H2O")
+
+    def run(atoms, cached):
+        MASK_CACHE.clear()
+        MASK_CACHE.max_elements = 2_000_000 if cached else 0
+        return mc_predict(model, _graph(atoms, model), 8, seed=4).forces_samples
+
+    try:
+        dropout_module._node_weight = lambda *a: hashed.append(1) or real(*a)
+        reference = {id(a): run(a, cached=False) for a in (ethanol, stretched, water)}
+        MASK_CACHE.clear()
+        MASK_CACHE.max_elements = 2_000_000
+        hashed.clear()
+        for atoms in (ethanol, ethanol, stretched, water, ethanol):
+            out = mc_predict(model, _graph(atoms, model), 8, seed=4).forces_samples
+            assert torch.equal(out, reference[id(atoms)])  # stored masks give the same samples
+        # node masks: hashed for ethanol, kept for the stretched ethanol (same atoms), hashed
+        # again for water and for ethanol after it (one entry per seed, T and pass)
+        sites = len(hashed) // 3
+        assert sites > 0 and len(hashed) == 3 * sites
+    finally:
+        dropout_module._node_weight = real
+        MASK_CACHE.max_elements = 2_000_000
+        MASK_CACHE.clear()
+    assert not torch.equal(reference[id(ethanol)], reference[id(stretched)])

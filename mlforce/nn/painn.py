@@ -48,7 +48,7 @@ class PaiNNMessage(MessagePassing):
     def forward(
         self,
         s: Tensor,
-        v: Tensor,
+        v: Tensor | None,
         edge_index: Tensor,
         edge_filter_input: Tensor,
         envelope: Tensor,
@@ -58,21 +58,27 @@ class PaiNNMessage(MessagePassing):
         rate: float,
         site: int,
     ) -> tuple[Tensor, Tensor]:
-        """s (n, F), v (n, 3, F), edge_index (2, E), basis (E, K), envelope (E,), unit (E, 3)."""
+        """s (n, F), v (n, 3, F) or None (all zero), edge_index (2, E), basis (E, K),
+        envelope (E,), unit (E, 3)."""
         hidden = torch.nn.functional.silu(self.phi_in(s))
         hidden = node_dropout(hidden, rate, ctx.keys, ctx.batch, ctx.local_atom, site)
         x = self.phi_out(hidden)  # (n, 3F)
         scale = envelope if edge_weight is None else envelope * edge_weight
         w = self.filter(edge_filter_input * scale.unsqueeze(1))  # (E, 3F)
         n, f = s.shape[0], self.features
-        out = self.propagate(edge_index, x=x, v=v.reshape(n, 3 * f), w=w, unit=unit)
+        # v is None before the first message (all vector features zero): nothing to gather.
+        vectors = None if v is None else v.reshape(n, 3 * f)
+        out = self.propagate(edge_index, x=x, v=vectors, w=w, unit=unit)
         ds, dv = out.split([f, 3 * f], dim=1)
-        return s + ds, v + dv.reshape(n, 3, f)
+        dv = dv.reshape(n, 3, f)
+        return s + ds, dv if v is None else v + dv
 
-    def message(self, x_j: Tensor, v_j: Tensor, w: Tensor, unit: Tensor) -> Tensor:
+    def message(self, x_j: Tensor, v_j: Tensor | None, w: Tensor, unit: Tensor) -> Tensor:
         f = self.features
         a, b, c = (x_j * w).chunk(3, dim=1)  # chunk, not slices: cheaper backward
-        dv = v_j.reshape(-1, 3, f) * b.unsqueeze(1) + c.unsqueeze(1) * unit.unsqueeze(2)
+        dv = c.unsqueeze(1) * unit.unsqueeze(2)
+        if v_j is not None:
+            dv = v_j.reshape(-1, 3, f) * b.unsqueeze(1) + dv
         return torch.cat([a, dv.reshape(-1, 3 * f)], dim=1)
 
 
@@ -121,7 +127,7 @@ class Interaction(nn.Module):
     def forward(
         self,
         s: Tensor,
-        v: Tensor,
+        v: Tensor | None,
         edge_index: Tensor,
         basis: Tensor,
         envelope: Tensor,
