@@ -7,7 +7,7 @@ CONFIG ?= configs/ethanol_xtb.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo data data-molecules lint format bench bench-setup clean browser
+.PHONY: install test demo data data-molecules water lint format bench bench-setup clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ data-molecules: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mlforce demo $(CONFIG)
+
+# Liquid water (configs/water_xtb.yaml): the 32-molecule starting box, built, not shipped.
+water: $(STAMP)
+	@test -f datasets/water_32.xyz || $(VENV)/bin/mlforce build water --molecules 32 --out datasets/water_32.xyz
 
 # Peer packages for the benchmarks (not needed by mlforce itself).
 bench-setup: $(STAMP)

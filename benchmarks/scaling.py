@@ -1,6 +1,7 @@
 """Scaling with system size: energy + forces and T-sample MC-dropout σ on liquid-water boxes.
 
-Cubic boxes of randomly oriented water molecules at 1.0 g/cm³ (periodic), from 4 to 3456
+Cubic boxes of randomly oriented water molecules at 1.0 g/cm³ (periodic, built by
+:func:`mlforce.structures.water_box` as `mlforce build water` builds them), from 4 to 3456
 molecules (12 to 10 368 atoms). Each size runs in its own process so that its peak memory
 (``ru_maxrss``) is its own. Times are the full calculator path (vesin neighbour list, graph,
 model, forces; medians over repeats); the model has the shipped ethanol config's architecture
@@ -30,29 +31,6 @@ import numpy as np
 SIZES = [4, 32, 108, 256, 864, 2048, 3456]  # water molecules
 
 
-def water_box(n_molecules: int, density: float = 1.0, seed: int = 0):
-    """``n_molecules`` randomly oriented waters on a jittered cubic grid at ``density`` g/cm³."""
-    from ase import Atoms
-    from ase.build import molecule
-    from scipy.spatial.transform import Rotation
-
-    mass = n_molecules * 18.015 / 6.02214076e23  # g
-    length = (mass / density) ** (1 / 3) * 1e8  # Å
-    per_side = int(np.ceil(n_molecules ** (1 / 3)))
-    spacing = length / per_side
-    rng = np.random.default_rng(seed)
-    water = molecule("H2O")
-    water.positions -= water.get_center_of_mass()
-    numbers, positions = [], []
-    sites = [(i, j, k) for i in range(per_side) for j in range(per_side) for k in range(per_side)]
-    for i, j, k in sites[:n_molecules]:
-        rot = Rotation.random(random_state=rng.integers(2**31)).as_matrix()
-        centre = (np.array([i, j, k]) + 0.5 + rng.uniform(-0.1, 0.1, 3)) * spacing
-        numbers += list(water.numbers)
-        positions += list(water.positions @ rot.T + centre)
-    return Atoms(numbers, positions=positions, cell=[length] * 3, pbc=True)
-
-
 def measure(n_molecules: int, samples: int, device: str, threads: int, xtb: str = "") -> dict:
     import torch
 
@@ -60,6 +38,7 @@ def measure(n_molecules: int, samples: int, device: str, threads: int, xtb: str 
     from mlforce.checkpoint import Checkpoint
     from mlforce.config import load_config
     from mlforce.model import ForceField
+    from mlforce.structures import water_box
 
     torch.set_num_threads(threads)
     config = load_config("configs/ethanol_xtb.yaml")

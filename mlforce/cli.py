@@ -44,6 +44,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from ase.io import write
+
+    from mlforce.structures import density, water_box
+
+    try:
+        box = water_box(args.molecules, args.density, args.seed, args.min_distance)
+    except ValueError as err:
+        raise MlforceError(str(err)) from err
+    out = Path(args.out or f"datasets/water_{args.molecules}.xyz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write(out, box, format="extxyz")
+    print(
+        f"{out}: {args.molecules} water molecules, {len(box)} atoms, cubic cell "
+        f"{box.cell.lengths()[0]:.3f} Å, {density(box):.3f} g/cm³ (periodic)"
+    )
+    return 0
+
+
 def run_training(config_path: str, data: list[str] | None, out: str, overrides: dict) -> dict:
     """Train on extxyz files and write ``out/model.pt``; returns the training metrics."""
     from mlforce.checkpoint import save_checkpoint
@@ -406,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_set(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("build", help="build a starting structure (a periodic water box)")
+    p.add_argument("kind", choices=["water"])
+    p.add_argument("--molecules", type=int, default=32, help="water molecules (default 32)")
+    p.add_argument("--density", type=float, default=1.0, help="g/cm³ (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="orientations and jitter")
+    p.add_argument(
+        "--min-distance", type=float, default=1.6,
+        help="closest approach of atoms of different molecules, Å (default 1.6)",
+    )  # fmt: skip
+    p.add_argument("--out", help="extxyz file (default datasets/water_N.xyz)")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("train", help="train a model and write DIR/model.pt")
     p.add_argument("config")

@@ -178,8 +178,21 @@ def _final_model_section(run_dir: Path, checkpoint: str | None, ledger: Path) ->
     return calib + per_element
 
 
+def molecules(atoms: Any) -> np.ndarray:
+    """Molecule index of each atom (n,): connected components of covalent bonds (ASE's
+    natural cutoffs, periodic images included)."""
+    from ase.neighborlist import NeighborList, natural_cutoffs
+    from scipy.sparse.csgraph import connected_components
+
+    nl = NeighborList(natural_cutoffs(atoms), self_interaction=False, bothways=True)
+    nl.update(atoms)
+    _, labels = connected_components(nl.get_connectivity_matrix(sparse=True), directed=False)
+    return labels
+
+
 def _uncertain_atoms(run_dir: Path, ledger: Path, top: int = 8) -> str:
-    """For the top-σ labelled frames: the atom the model was least sure about, and its error."""
+    """For the top-σ labelled frames: the atom the model was least sure about, its error, and
+    the molecule it belongs to (in a liquid: which molecule to look at)."""
     from ase.data import chemical_symbols
 
     from mlforce.calculators.ml import MLForceCalculator
@@ -196,12 +209,17 @@ def _uncertain_atoms(run_dir: Path, ledger: Path, top: int = 8) -> str:
         ref = atoms.get_forces()
         res = MLForceCalculator(ckpt, device="cpu").predict([atoms])[0]
         k = int(np.argmax(res["forces_std"]))
+        label = molecules(atoms)
+        members = np.flatnonzero(label == label[k])
         rows.append({
             "label id": atoms.info["id"], "round": atoms.info.get("iteration"),
             "trigger": atoms.info.get("trigger"), "max_force_std": atoms.info["max_force_std"],
             "atom index": k, "element": chemical_symbols[int(atoms.numbers[k])],
             "atom σ": float(res["forces_std"][k]),
             "atom true error": float(np.linalg.norm(res["forces"][k] - ref[k])),
+            "molecule": f"{atoms[members].get_chemical_formula()} #{label[k]}",
+            "molecule atoms": " ".join(str(i) for i in members),
+            "molecule σ (mean)": float(np.mean(res["forces_std"][members])),
         })  # fmt: skip
     if not rows:
         return "<p>No labelled frames with an uncertainty yet.</p>"
