@@ -235,24 +235,10 @@ def edge_weights(
     tag = (site, rate, dtype)
     if store is not None and tag in store:
         return store[tag]
-    weight = _edge_weight(rate, keys, edge_index, batch, local_atom, cell_shift, site, dtype)
-    if store is not None:
-        store[tag] = weight
-    return weight
-
-
-def _edge_weight(
-    rate: float,
-    keys: DropoutKeys,
-    edge_index: Tensor,
-    batch: Tensor,
-    local_atom: Tensor,
-    cell_shift: Tensor,
-    site: int,
-    dtype: torch.dtype,
-) -> Tensor:
     h = edge_pair_hash(keys, edge_index, batch, local_atom, cell_shift, site)
     weight = (uniform_from_hash(h, dtype) >= rate).to(dtype) * (1.0 / (1.0 - rate))
     if keys.active is not None:
         weight = torch.where(keys.active[batch[edge_index[1]]], weight, torch.ones_like(weight))
+    if store is not None:
+        store[tag] = weight
     return weight
