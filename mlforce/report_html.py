@@ -179,15 +179,17 @@ def _final_model_section(run_dir: Path, checkpoint: str | None, ledger: Path) ->
 
 
 def molecules(atoms: Any) -> np.ndarray:
-    """Molecule index of each atom (n,): connected components of covalent bonds (ASE's
-    natural cutoffs, periodic images included)."""
-    from ase.neighborlist import NeighborList, natural_cutoffs
+    """Molecule index of each atom (n,): connected components of the covalent bonds of
+    :func:`mlforce.selection.bond_pairs` (periodic images included)."""
+    from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    nl = NeighborList(natural_cutoffs(atoms), self_interaction=False, bothways=True)
-    nl.update(atoms)
-    _, labels = connected_components(nl.get_connectivity_matrix(sparse=True), directed=False)
-    return labels
+    from mlforce.selection import bond_pairs
+
+    n = len(atoms)
+    codes = bond_pairs(atoms)
+    bonds = coo_matrix((np.ones(len(codes)), (codes // n, codes % n)), shape=(n, n))
+    return connected_components(bonds, directed=False)[1]
 
 
 def _uncertain_atoms(run_dir: Path, ledger: Path, top: int = 8) -> str:
