@@ -143,10 +143,10 @@ def mc_predict(
     limit = max_edges or default_max_edges(device)
     per_pass = max(1, min(copies, limit // max(1, graph.edge_index.shape[1])))
     energies, forces, stresses = [], [], []
+    batch = _batch_vector(graph)
     for first in range(0, copies, per_pass):
         count = min(per_pass, copies - first)
         sl = slice(first * n_graphs, (first + count) * n_graphs)
-        batch = _batch_vector(graph)
         masks = MASK_CACHE.masks_for(
             (seed, n_samples, first, count, n_graphs, str(device)),
             atoms=(batch, graph.local_atom),
@@ -168,7 +168,7 @@ def mc_predict(
     force = torch.cat(forces)
     stress = torch.cat(stresses)[0] if compute_stress else None
     return Prediction(
-        energy[0], force[0], energy[1:], force[1:], _batch_vector(graph), stress,
+        energy[0], force[0], energy[1:], force[1:], batch, stress,
         local_pairs(graph, local_radius),
     )  # fmt: skip
 
