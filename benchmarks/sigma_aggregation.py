@@ -60,11 +60,25 @@ def main() -> None:
         help="whose error σ should rank: the dropout-free model's (the default prediction) or "
         "the MC mean's (uncertainty.prediction: mc_mean)",
     )
+    parser.add_argument(
+        "--mc-blocks",
+        type=int,
+        help="sample MC dropout only in the last N of the blocks trained with dropout "
+        "(model.mc_dropout_blocks; default: the checkpoint's)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
+    if args.mc_blocks is not None:
+        for member in ckpt.models:
+            member.set_mc_dropout_blocks(args.mc_blocks)
     dtype = next(ckpt.model.parameters()).dtype
-    result: dict = {"checkpoint": args.checkpoint, "against": args.against, "tests": {}}
+    result: dict = {
+        "checkpoint": args.checkpoint,
+        "against": args.against,
+        "mc_blocks": args.mc_blocks,
+        "tests": {},
+    }
     for item in args.test:
         name, _, path = item.partition("=")
         frames = read_labelled(path)

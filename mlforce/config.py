@@ -22,6 +22,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LargeDataDropout(Strict):
+    """Where dropout goes in a model trained from scratch on many frames (production).
+
+    Measured on ethanol (docs/benchmarks.md 22): trained on 1000 frames, dropout in the last
+    block only (node 0.2, DropEdge 0.1) gives a more accurate model whose σ ranks errors
+    better than dropout in every block; trained on a campaign's first ~100 labels, the same
+    placement under-reads errors (a campaign trigger that stops too early, section 3a).
+    """
+
+    frames: int = Field(
+        500, ge=1, description="applies when training from scratch on at least this many frames"
+    )
+    dropout_blocks: int | None = Field(1, ge=0, description="replaces model.dropout_blocks")
+    node_dropout: float = Field(0.2, ge=0, lt=1, description="replaces model.node_dropout")
+    edge_dropout: float = Field(0.1, ge=0, lt=1, description="replaces model.edge_dropout")
+    local_radius: float | None = Field(
+        3.0, gt=0, description="replaces uncertainty.local_radius (Å; σ of the worst "
+        "neighbourhood, written into the checkpoint)",
+    )  # fmt: skip
+
+
 class ModelConfig(Strict):
     """Architecture of the PaiNN-style message-passing network."""
 
@@ -38,6 +59,12 @@ class ModelConfig(Strict):
     readout_dropout: float = Field(
         0.0, ge=0, lt=1, description="dropout rate on the hidden layer of the energy readout"
     )
+    last_node_dropout: float | None = Field(
+        None, ge=0, lt=1, description="node dropout rate in the last block (None: node_dropout)"
+    )
+    last_edge_dropout: float | None = Field(
+        None, ge=0, lt=1, description="DropEdge rate in the last block (None: edge_dropout)"
+    )
     dropout_blocks: int | None = Field(
         None, ge=0, description="dropout only in the last N blocks (None: every block)"
     )
@@ -45,6 +72,11 @@ class ModelConfig(Strict):
         None, ge=0, description="MC dropout at inference only in the last N of the blocks "
         "trained with dropout (None: all of them); 1 ranks errors better (docs/benchmarks.md)",
     )  # fmt: skip
+    large_data: LargeDataDropout | None = Field(
+        None,
+        description="dropout placement for models trained from scratch on many frames "
+        "(None: the settings above whatever the data size)",
+    )
     dtype: Literal["float32", "float64"] = "float32"
 
 
@@ -360,6 +392,25 @@ class Config(Strict):
     md: MDConfig = Field(default_factory=MDConfig)
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    def for_training_frames(self, n_frames: int) -> Config:
+        """This config as a single model trained from scratch on ``n_frames`` frames uses it:
+        ``model.large_data`` applied when ``n_frames`` reaches its ``frames`` (and then
+        removed), else unchanged. Committees (``training.ensemble`` > 1) keep their rates."""
+        large = self.model.large_data
+        if large is None or n_frames < large.frames or self.training.ensemble > 1:
+            return self
+        out = self.model_copy(deep=True)
+        out.model = out.model.model_copy(
+            update={
+                "dropout_blocks": large.dropout_blocks,
+                "node_dropout": large.node_dropout,
+                "edge_dropout": large.edge_dropout,
+                "large_data": None,
+            }
+        )
+        out.uncertainty = out.uncertainty.model_copy(update={"local_radius": large.local_radius})
+        return out
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

@@ -85,11 +85,18 @@ class ForceField(nn.Module):
     @property
     def has_dropout(self) -> bool:
         """True when some dropout rate is non-zero (MC sampling gives a non-zero spread)."""
+        first = self.first_stochastic_block
+        blocks = range(first, self.config.blocks)
+        return any(max(self.block_rates(b)) > 0 for b in blocks) or self.config.readout_dropout > 0
+
+    def block_rates(self, block: int) -> tuple[float, float]:
+        """(node, edge) dropout rates of ``block`` when it is stochastic."""
         c = self.config
-        blocks_with = c.blocks - self.first_stochastic_block
-        return (blocks_with > 0 and (c.node_dropout > 0 or c.edge_dropout > 0)) or (
-            c.readout_dropout > 0
-        )
+        if block == c.blocks - 1:
+            node = c.node_dropout if c.last_node_dropout is None else c.last_node_dropout
+            edge = c.edge_dropout if c.last_edge_dropout is None else c.last_edge_dropout
+            return node, edge
+        return c.node_dropout, c.edge_dropout
 
     def set_mc_dropout_blocks(self, n: int | None) -> None:
         """Change where MC dropout acts at inference (refit the calibration afterwards)."""
@@ -165,7 +172,6 @@ class ForceField(nn.Module):
         cell: Tensor | None,
         dropout: DropoutKeys | None,
     ) -> tuple[Tensor, _Context]:
-        cfg = self.config
         pos = graph.pos if positions is None else positions
         batch = _batch_vector(graph)
         vec = edge_vectors(graph, pos, cell)
@@ -179,15 +185,16 @@ class ForceField(nn.Module):
         first_stochastic = self.first_stochastic_block
         for b, block in enumerate(self.blocks):
             stochastic = b >= first_stochastic
+            node_rate, edge_rate = self.block_rates(b) if stochastic else (0.0, 0.0)
             weight = None
             if stochastic:
                 weight = edge_weights(
-                    cfg.edge_dropout, dropout, graph.edge_index, batch, graph.local_atom,
+                    edge_rate, dropout, graph.edge_index, batch, graph.local_atom,
                     graph.cell_shift, block_site(b, 2), pos.dtype,
                 )  # fmt: skip
             s, v = block(
                 s, v, graph.edge_index, basis, envelope, unit, weight, ctx,
-                cfg.node_dropout if stochastic else 0.0,
+                node_rate,
             )  # fmt: skip
         return s, ctx
 

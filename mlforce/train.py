@@ -246,6 +246,17 @@ def train_models(
         else:
             log("warm start skipped: the data has elements the previous model lacks")
             warm_start = None
+    if not warm_start:  # a warm start keeps its model's dropout placement
+        resolved = config.for_training_frames(len(train_frames) + len(val_frames))
+        if resolved is not config:
+            m = resolved.model
+            log(
+                f"{len(train_frames) + len(val_frames)} frames >= model.large_data.frames: "
+                f"dropout in the last {m.dropout_blocks or 'every'} block(s), node "
+                f"{m.node_dropout}, edge {m.edge_dropout}; σ local_radius "
+                f"{resolved.uncertainty.local_radius} Å"
+            )
+            config = resolved
     cutoff = config.model.cutoff
     train_graphs = graphs_from_frames(train_frames, species, cutoff, dtype, with_labels=True)
     val_graphs = graphs_from_frames(val_frames, species, cutoff, dtype, with_labels=True)

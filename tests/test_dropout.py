@@ -192,3 +192,33 @@ def test_mask_cache_reuses_masks_only_while_atoms_and_pairs_are_the_same(ethanol
         MASK_CACHE.max_elements = 2_000_000
         MASK_CACHE.clear()
     assert not torch.equal(reference[id(ethanol)], reference[id(stretched)])
+
+
+def test_last_block_rates_override_the_shared_rates(ethanol):
+    """``last_node_dropout`` / ``last_edge_dropout``: rates of the last block only; with shared
+    rates 0 the model samples exactly as one with dropout in the last block alone."""
+    from mlforce.model import ForceField
+
+    torch.manual_seed(0)
+    last_only = make_model(node=0.2, edge=0.1, blocks=3)
+    last_only = ForceField(
+        last_only.species, last_only.config.model_copy(update={"dropout_blocks": 1})
+    ).double()
+    cfg = last_only.config.model_copy(
+        update={"dropout_blocks": None, "node_dropout": 0.0, "edge_dropout": 0.0,
+                "last_node_dropout": 0.2, "last_edge_dropout": 0.1}
+    )  # fmt: skip
+    override = ForceField(last_only.species, cfg).double()
+    override.load_state_dict(last_only.state_dict())
+    hybrid = ForceField(
+        last_only.species, cfg.model_copy(update={"node_dropout": 0.05, "edge_dropout": 0.05})
+    ).double()
+    hybrid.load_state_dict(last_only.state_dict())
+    g = _graph(ethanol, last_only)
+    keys = DropoutKeys(torch.tensor([11]))
+    with torch.no_grad():
+        a, b, c = (m(g, dropout=keys) for m in (last_only, override, hybrid))
+    assert override.has_dropout and override.block_rates(0) == (0.0, 0.0)
+    assert override.block_rates(2) == (0.2, 0.1) and hybrid.block_rates(1) == (0.05, 0.05)
+    assert torch.equal(a, b)  # same masks, same blocks
+    assert not torch.equal(a, c)  # the hybrid's early blocks are stochastic too

@@ -52,3 +52,37 @@ def test_the_checkpoint_records_the_local_radius_and_refuses_one_beyond_the_cuto
     assert result.calibration["local_radius"] == 3.0
     with pytest.raises(ConfigError, match="exceeds the model cutoff"):
         train_models(xtb_frames[:16], xtb_frames[16:20], config(6.0), log=lambda m: None)
+
+
+def test_large_data_placement_applies_to_a_fresh_single_model_on_enough_frames(xtb_frames):
+    """``model.large_data``: from ``frames`` frames on, a model trained from scratch gets the
+    last-block dropout and the σ neighbourhood; fewer frames, a warm start or a committee
+    keep the configured placement."""
+    base = {
+        "device": "cpu",
+        "model": {"features": 16, "blocks": 2, "radial_basis": 8, "cutoff": 4.5,
+                  "large_data": {"frames": 20, "dropout_blocks": 1, "node_dropout": 0.3,
+                                 "edge_dropout": 0.15, "local_radius": 2.5}},
+        "training": {"max_epochs": 1, "batch_size": 8, "threads": 1},
+        "uncertainty": {"mc_samples": 4},
+    }  # fmt: skip
+    config = Config.model_validate(base)
+    quiet = lambda m: None  # noqa: E731
+
+    few = train_models(xtb_frames[:15], xtb_frames[15:19], config, log=quiet)  # 19 < 20
+    model = few.models[0]
+    assert model.first_dropout_block == 0 and model.config.node_dropout == 0.05
+    assert "local_radius" not in few.calibration
+
+    many = train_models(xtb_frames[:16], xtb_frames[16:20], config, log=quiet)  # 20 frames
+    model = many.models[0]
+    assert model.first_dropout_block == 1 and model.block_rates(1) == (0.3, 0.15)
+    assert model.config.large_data is None  # the checkpoint says what the model is
+    assert many.calibration["local_radius"] == 2.5
+
+    warm = train_models(xtb_frames[:16], xtb_frames[16:20], config, warm_start=few.models,
+                        log=quiet)  # fmt: skip
+    assert warm.models[0].first_dropout_block == 0 and "local_radius" not in warm.calibration
+
+    committee = Config.model_validate({**base, "training": {**base["training"], "ensemble": 2}})
+    assert committee.for_training_frames(1000) is committee
