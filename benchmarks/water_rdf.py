@@ -22,51 +22,83 @@ import time
 import numpy as np
 
 
-def run_md(atoms, calc, args, name: str, log) -> dict:
+def run_md(atoms, calc, args, name: str, log, traj_path: str | None = None) -> dict:
+    """Langevin NVT MD; g(r) over the frames after equilibration.
+
+    ``traj_path``: every ``--every``-th frame (with momenta) goes to this ASE trajectory as it
+    is made, and a run that finds the file continues from its last frame, so long reference
+    MD can be done in pieces (the thermostat's random stream restarts with another seed).
+    """
+    import os
+
     from ase import units
     from ase.geometry.rdf import get_rdf
+    from ase.io.trajectory import Trajectory
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     from mlforce.structures import density
 
-    atoms = atoms.copy()
-    atoms.calc = calc
-    rng = np.random.default_rng(args.seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-    Stationary(atoms)
-    dyn = Langevin(
-        atoms, args.timestep * units.fs, temperature_K=args.temperature,
-        friction=args.friction / units.fs, rng=np.random.default_rng(args.seed + 1), fixcm=False,
-    )  # fmt: skip
     steps = round(args.ps * 1000 / args.timestep)
     skip = round(args.equilibrate_ps * 1000 / args.timestep)
-    frames, max_force, max_sigma, temps = [], 0.0, 0.0, []
+    done_frames = []
+    if traj_path and os.path.isfile(traj_path) and os.path.getsize(traj_path) > 0:
+        done_frames = list(Trajectory(traj_path))
+    first = len(done_frames) * args.every  # MD steps already done
+    if done_frames:
+        atoms = done_frames[-1].copy()
+        log(f"{name}: continuing {traj_path} from step {first}")
+    else:
+        atoms = atoms.copy()
+        MaxwellBoltzmannDistribution(
+            atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed)
+        )
+        Stationary(atoms)
+    atoms.calc = calc
+    dyn = Langevin(
+        atoms, args.timestep * units.fs, temperature_K=args.temperature,
+        friction=args.friction / units.fs,
+        rng=np.random.default_rng(args.seed + 1 + first), fixcm=False,
+    )  # fmt: skip
+    writer = Trajectory(traj_path, "a") if traj_path else None
+    max_force, max_sigma, temps = 0.0, 0.0, []
     molecule = np.arange(len(atoms)) // 3  # water boxes are ordered O, H, H per molecule
-    closest = np.inf
+    other = molecule[:, None] != molecule[None, :]
+
+    def closest_of(frame) -> float:
+        return float(frame.get_all_distances(mic=True)[other].min())
+
+    closest = min((closest_of(f) for f in done_frames), default=np.inf)
     t0 = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(first + 1, steps + 1):
         dyn.run(1)
         forces = atoms.get_forces()
         max_force = max(max_force, float(np.abs(forces).max()))
         max_sigma = max(max_sigma, float(calc.results.get("max_force_std", 0.0)))
         if step % args.every == 0:
-            d = atoms.get_all_distances(mic=True)
-            other = molecule[:, None] != molecule[None, :]
-            closest = min(closest, float(d[other].min()))
+            closest = min(closest, closest_of(atoms))
             temps.append(float(atoms.get_temperature()))
-            if step > skip:
-                frames.append(atoms.copy())
+            frame = atoms.copy()
+            frame.calc = None
+            done_frames.append(frame)
+            if writer is not None:
+                writer.write(atoms)
             if step % (args.every * 50) == 0:
                 log(f"{name}: step {step}/{steps}, T {temps[-1]:.0f} K, {closest:.2f} Å closest")
     seconds = time.perf_counter() - t0
+    if writer is not None:
+        writer.close()
+    run_steps = max(steps - first, 0)
+    frames = [f for k, f in enumerate(done_frames) if (k + 1) * args.every > skip]
+    temps_all = [float(f.get_temperature()) for f in done_frames]
     rmax = 0.5 * float(min(atoms.cell.lengths())) - 0.01
     g, r = get_rdf(frames, rmax, args.bins, elements=(8, 8))
     window = (r > 2.3) & (r < 3.3)
     k = int(np.argmax(np.where(window, g, -np.inf)))
-    settled = float(np.mean(temps[len(temps) // 5 :]))
+    settled = float(np.mean(temps_all[len(temps_all) // 5 :]))
     return {
-        "name": name, "steps": steps, "frames": len(frames), "ms_per_step": 1000 * seconds / steps,
+        "name": name, "steps": steps, "steps_this_run": run_steps, "frames": len(frames),
+        "ms_per_step": 1000 * seconds / run_steps if run_steps else None,
         "density_g_cm3": density(atoms), "mean_temperature_K": settled,
         "first_peak_A": float(r[k]), "first_peak_height": float(g[k]),
         "closest_intermolecular_A": closest, "max_force_eV_A": max_force,
@@ -90,6 +122,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plot", help="PNG of the g(r) curves")
+    parser.add_argument(
+        "--xtb-traj",
+        help="ASE trajectory of the xTB run: written as it goes, continued when it exists "
+        "(10 ps of xTB MD can be done in pieces)",
+    )
     args = parser.parse_args()
 
     import os
@@ -117,14 +154,16 @@ def main() -> None:
     if args.xtb:
         from tblite.ase import TBLite
 
-        runs.append(run_md(atoms, TBLite(method=args.xtb, verbosity=0), args, args.xtb, log))
+        xtb = TBLite(method=args.xtb, verbosity=0)
+        runs.append(run_md(atoms, xtb, args, args.xtb, log, args.xtb_traj))
     result: dict = {"structure": args.structure, "ps": args.ps, "temperature_K": args.temperature,
                     "threads": args.threads, "runs": runs}  # fmt: skip
     if len(runs) == 2:
         a, b = runs
         result["peak_shift_A"] = a["first_peak_A"] - b["first_peak_A"]
         result["peak_height_ratio"] = a["first_peak_height"] / b["first_peak_height"]
-        result["cost_ratio"] = b["ms_per_step"] / a["ms_per_step"]
+        if a["ms_per_step"] and b["ms_per_step"]:
+            result["cost_ratio"] = b["ms_per_step"] / a["ms_per_step"]
     if args.plot and runs:
         import matplotlib
 
