@@ -25,10 +25,11 @@ class Strict(BaseModel):
 class LargeDataDropout(Strict):
     """Where dropout goes in a model trained from scratch on many frames (production).
 
-    Measured on ethanol (docs/benchmarks.md 22): trained on 1000 frames, dropout in the last
-    block only (node 0.2, DropEdge 0.1) gives a more accurate model whose σ ranks errors
-    better than dropout in every block; trained on a campaign's first ~100 labels, the same
-    placement under-reads errors (a campaign trigger that stops too early, section 3a).
+    Measured on ethanol (docs/benchmarks.md 22): trained on 500-1000 frames, dropout in the
+    last block only (node 0.2, DropEdge 0.1) gives a more accurate model (300 K force error
+    -15 to -32 %) whose σ ranks 300 K errors as well or better than dropout in every block;
+    trained on a campaign's first ~100 labels, the same placement under-reads errors (a
+    campaign trigger that stops too early, section 3a).
     """
 
     frames: int = Field(
