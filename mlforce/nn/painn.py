@@ -76,9 +76,10 @@ class PaiNNMessage(MessagePassing):
     def message(self, x_j: Tensor, v_j: Tensor | None, w: Tensor, unit: Tensor) -> Tensor:
         f = self.features
         a, b, c = (x_j * w).chunk(3, dim=1)  # chunk, not slices: cheaper backward
-        dv = c.unsqueeze(1) * unit.unsqueeze(2)
-        if v_j is not None:
-            dv = v_j.reshape(-1, 3, f) * b.unsqueeze(1) + dv
+        if v_j is None:
+            dv = c.unsqueeze(1) * unit.unsqueeze(2)
+        else:
+            dv = v_j.reshape(-1, 3, f) * b.unsqueeze(1) + c.unsqueeze(1) * unit.unsqueeze(2)
         return torch.cat([a, dv.reshape(-1, 3 * f)], dim=1)
 
 
