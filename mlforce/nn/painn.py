@@ -76,6 +76,9 @@ class PaiNNMessage(MessagePassing):
     def message(self, x_j: Tensor, v_j: Tensor | None, w: Tensor, unit: Tensor) -> Tensor:
         f = self.features
         a, b, c = (x_j * w).chunk(3, dim=1)  # chunk, not slices: cheaper backward
+        # One expression when v_j exists: the same sum written as two statements changes the
+        # order of autograd's gradient sums, hence training's float path, and the demo then
+        # took another (worse) campaign path (docs/benchmarks.md 24).
         if v_j is None:
             dv = c.unsqueeze(1) * unit.unsqueeze(2)
         else:
