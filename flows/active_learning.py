@@ -187,10 +187,18 @@ def active_learning(
         logger.info(
             f"round {round_}: {row['labels_added']} labels added ({row['labels_failed']} failed), "
             f"{row['labels_total']} in total; trigger rate {row['triggers_per_ps']:.2f}/ps; "
-            f"σ mean {row['sigma_mean']:.3f} eV/Å"
+            f"σ mean {row['sigma_mean']:.3f} eV/Å; {row['audits']} audits"
+            + (
+                f" (mean max force error {row['audit_max_force_error']:.3f} eV/Å)"
+                if row["audits"]
+                else ""
+            )
         )
         _round_artifacts(run, rows)
         reason = campaign.convergence(rows, cfg)
+        note = campaign.convergence_note(rows, cfg) if reason is None else None
+        if note:
+            logger.info(f"round {round_}: {note}")
     # the last round's labels came after its model: one more training on every label
     final_model = train_task(str(run.root), len(rows) + 1)
     final = campaign.finalize(run, rows, reason, final_model)

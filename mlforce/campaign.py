@@ -535,16 +535,7 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     sigma = [float(f.info.get("max_force_std", 0.0)) for f in others]
     seed = config.md.seed + 7919 * round_
     if al.selection == "random":
-        visited: list[Atoms] = []
-        taken = {structure_hash(a) for a in audits}
-        for path in sorted(run.round_dir(round_).glob("walker_*.extxyz")):
-            for frame in _new_frames([path], known, taken):
-                step = int(frame.info.get("md_step", 0))
-                if step > 0 and not str(frame.info.get("decision", "")).startswith("guard"):
-                    walker = int(path.stem.removeprefix("walker_"))
-                    frame.info = {"md_step": frame.info.get("md_step"), "walker": walker,
-                                  "time_fs": frame.info.get("time_fs")}  # fmt: skip
-                    visited.append(frame)
+        visited = _visited_frames(run, round_, known, {structure_hash(a) for a in audits})
         picked = [visited[i] for i in random_selection(len(visited), wanted, seed)]
         for frame in picked:
             frame.info.update(trigger="random", iteration=round_)
@@ -558,6 +549,10 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
         walkers = [int(f.info.get("walker", 0)) for f in others]
         chosen = stratified_selection(descriptors, sigma, walkers, wanted, seed)
         selected = audits + [others[i] for i in chosen]
+        short = budget - len(selected)
+        before = [r for r in run.state().get("rounds", []) if r["round"] < round_]
+        if short > 0 and convergence_note(before, config):
+            selected += _top_up(run, round_, known, seen, short, seed + 1)
     samples = config.uncertainty.label_samples
     if samples:
         rescore_sigma(run.checkpoint(round_), selected, samples,
@@ -565,6 +560,59 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     path = run.round_dir(round_) / "selected.extxyz"
     write(path, selected, format="extxyz")
     return {"selected_file": str(path), "n_candidates": len(pool), "n_selected": len(selected)}
+
+
+def _visited_frames(
+    run: RunDir, round_: int, known: Any, taken: set[str], keep_sigma: bool = False
+) -> list[Atoms]:
+    """Frames the round's walkers visited (their trajectories), neither labelled nor in
+    ``taken``; start frames and guard frames excepted. ``info``: md_step, walker, time_fs and,
+    with ``keep_sigma``, the walker's ``max_force_std`` (checked frames only)."""
+    visited: list[Atoms] = []
+    for path in sorted(run.round_dir(round_).glob("walker_*.extxyz")):
+        for frame in _new_frames([path], known, taken):
+            step = int(frame.info.get("md_step", 0))
+            if step > 0 and not str(frame.info.get("decision", "")).startswith("guard"):
+                walker = int(path.stem.removeprefix("walker_"))
+                sigma = float(frame.info.get("max_force_std", float("nan")))
+                frame.info = {"md_step": frame.info.get("md_step"), "walker": walker,
+                              "time_fs": frame.info.get("time_fs")}  # fmt: skip
+                if keep_sigma and np.isfinite(sigma):
+                    frame.info["max_force_std"] = sigma
+                visited.append(frame)
+    return visited
+
+
+def _top_up(
+    run: RunDir, round_: int, known: Any, taken: set[str], count: int, seed: int
+) -> list[Atoms]:
+    """``count`` more frames for a round whose campaign is quiet but not yet accurate
+    (:func:`convergence_note`): the walkers flag too little to teach the model, so the round
+    fills its budget from the frames they visited, chosen as the flagged ones are (k-means in
+    the model's features per walker, the most uncertain typical frame of each cluster), with
+    the round model's forces kept for the true error. ``trigger``: ``top_up``."""
+    from mlforce.checkpoint import load_checkpoint
+    from mlforce.data import graphs_from_frames
+    from mlforce.evaluate import predict_graphs
+    from mlforce.selection import stratified_selection
+
+    pool = [f for f in _visited_frames(run, round_, known, taken, keep_sigma=True)
+            if "max_force_std" in f.info]  # fmt: skip
+    if not pool:
+        return []
+    descriptors = learned_descriptors(run.checkpoint(round_), pool)
+    sigma = [f.info["max_force_std"] for f in pool]
+    walkers = [f.info["walker"] for f in pool]
+    picked = [pool[i] for i in stratified_selection(descriptors, sigma, walkers, count, seed)]
+    ckpt = load_checkpoint(run.checkpoint(round_))
+    dtype = next(ckpt.model.parameters()).dtype
+    graphs = graphs_from_frames(picked, ckpt.species, ckpt.cutoff, dtype, False)
+    members = [predict_graphs(m, graphs)[1] for m in ckpt.models]  # a committee: the mean
+    for k, frame in enumerate(picked):
+        forces = np.mean([member[k] for member in members], axis=0)
+        frame.info.update(trigger="top_up", iteration=round_)
+        frame.arrays["model_forces"] = forces
+    return picked
 
 
 def label_frame(run: RunDir, selected_file: str, index: int) -> dict[str, Any]:
@@ -721,6 +769,7 @@ def evaluate_round(
         "labels_total": len(store.rows(status="ok")),
         "val_force_mae": train["val_force_mae"],
         "audit_max_force_error": float(np.mean(audit)) if audit else None,
+        "audits": len(audit),
         "triggers_per_ps": triggers / simulated_ps if simulated_ps else 0.0,
         "sigma_mean": float(np.mean([w["sigma_mean"] for w in walkers])) if walkers else 0.0,
         "sigma_max": float(np.max([w["sigma_max"] for w in walkers])) if walkers else 0.0,
@@ -760,12 +809,37 @@ def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
     k = al.converged_rounds
     recent = rounds[-k:]
     if len(recent) == k and all(r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent):
-        return f"converged: trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds"
+        quiet = f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds"
+        target = al.target_val_force_mae
+        if target is None:
+            return f"converged: {quiet}"
+        if recent[-1]["val_force_mae"] <= target:
+            return (
+                f"converged: {quiet}, validation force MAE "
+                f"{recent[-1]['val_force_mae']:.4f} <= {target} eV/Å"
+            )
     if rounds and rounds[-1]["labels_total"] >= al.total_label_budget:
         return f"label budget of {al.total_label_budget} reached"
     if len(rounds) >= al.max_rounds:
         return f"max_rounds ({al.max_rounds}) reached"
     return None
+
+
+def convergence_note(rounds: list[dict[str, Any]], config: Config) -> str | None:
+    """Why a campaign whose trigger rate says "converged" goes on, else None."""
+    al = config.active_learning
+    k, target = al.converged_rounds, al.target_val_force_mae
+    recent = rounds[-k:]
+    quiet = len(recent) == k and all(
+        r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent
+    )
+    if not quiet or target is None or recent[-1]["val_force_mae"] <= target:
+        return None
+    return (
+        f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds, but validation "
+        f"force MAE {recent[-1]['val_force_mae']:.4f} > {target} eV/Å: the model is "
+        "confident where its MD goes and wrong elsewhere; going on"
+    )
 
 
 def finalize(

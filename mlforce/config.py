@@ -363,6 +363,16 @@ class ActiveLearningConfig(Strict):
         2.0, ge=0, description="converged when the trigger rate stays below this"
     )
     converged_rounds: int = Field(2, ge=1, description="... for this many consecutive rounds")
+    target_val_force_mae: float | None = Field(
+        None,
+        gt=0,
+        description="eV/Å: converged only if, besides the trigger rate, the last round's "
+        "model has a force MAE on the ledger's held-out labels at most this. A low trigger "
+        "rate alone can come from a model that is confident and wrong where its own MD does "
+        "not go (docs/benchmarks.md 24-25); while it is quiet and not accurate, each round "
+        "fills its label budget from the frames the walkers visited, chosen by σ and "
+        "diversity as flagged frames are (trigger top_up). None: the trigger rate alone",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="ledger validation split")
     round_epochs: int | None = Field(
         None, ge=1, description="training epochs after round 1 (warm start); None: training"

@@ -26,7 +26,8 @@ from mlforce.report import (
 )
 
 TRIGGER_COLORS = {"seed": "#999999", "uncertainty": "#1f77b4", "audit": "#2ca02c",
-                  "guard": "#d62728", "manual": "#9467bd"}  # fmt: skip
+                  "guard": "#d62728", "manual": "#9467bd", "top_up": "#ff7f0e",
+                  "random": "#8c564b"}  # fmt: skip
 
 
 def _img(fig: Any, alt: str) -> str:

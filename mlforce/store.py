@@ -36,7 +36,7 @@ from ase.db.sqlite import SQLite3Database
 
 from mlforce.errors import StoreError
 
-TRIGGERS = ("seed", "uncertainty", "random", "audit", "guard", "manual")
+TRIGGERS = ("seed", "uncertainty", "random", "audit", "guard", "manual", "top_up")
 STATUSES = ("ok", "failed")
 
 # Provenance key -> (type, description with unit). Keys given as None are omitted.

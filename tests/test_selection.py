@@ -221,3 +221,42 @@ def test_select_step_records_sigma_rescored_with_more_samples(tiny_campaign, tmp
         np.testing.assert_allclose(frame.info["max_force_std_raw"], pred.max_force_std()[0],
                                    rtol=1e-4)  # fmt: skip
     assert any(f.info["max_force_std"] != f.info["trigger_max_force_std"] for f in frames)
+
+
+def test_a_quiet_but_inaccurate_campaign_fills_its_round_from_the_visited_frames(
+    tiny_campaign, tmp_path
+):
+    from mlforce.checkpoint import load_checkpoint
+    from mlforce.data import graphs_from_frames
+    from mlforce.evaluate import predict_graphs
+
+    run_dir, _ = tiny_campaign
+    run = _with_selection(run_dir, tmp_path, "uncertainty")
+    files = sorted(str(p) for p in (run.root / "round_002").glob("candidates_*.extxyz"))
+    flagged = {structure_hash(f) for p in files for f in read(p, ":")}
+    cfg = yaml.safe_load((run.root / "config.yaml").read_text())
+    cfg["active_learning"]["labels_per_round"] = len(flagged) + 6
+    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    plain = read(select_frames(run, 2, files)["selected_file"], ":")
+    assert {f.info["trigger"] for f in plain} <= {"uncertainty", "audit"}
+    assert len(plain) == len(flagged)  # a round takes what was flagged, no more
+
+    # round 1 quiet (below an absurd rate target) but far from an absurd accuracy target
+    cfg["active_learning"].update(target_triggers_per_ps=1e9, converged_rounds=1,
+                                  target_val_force_mae=1e-6)  # fmt: skip
+    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    frames = read(select_frames(run, 2, files)["selected_file"], ":")
+    extra = [f for f in frames if f.info["trigger"] == "top_up"]
+    assert {structure_hash(f) for f in frames if f.info["trigger"] != "top_up"} == {
+        structure_hash(f) for f in plain
+    }  # the flagged frames first, all of them
+    visited = {structure_hash(f) for p in (run.root / "round_002").glob("walker_*.extxyz")
+               for f in read(p, ":")[1:]}  # fmt: skip
+    assert 0 < len(extra) <= 6 and len(frames) <= len(flagged) + 6
+    for f in extra:  # visited, new, with the round model's forces for the true error
+        assert structure_hash(f) in visited and structure_hash(f) not in flagged
+        assert f.info["iteration"] == 2 and "walker" in f.info and "max_force_std" in f.info
+    ckpt = load_checkpoint(run.checkpoint(2))
+    graphs = graphs_from_frames(extra, ckpt.species, ckpt.cutoff)
+    for f, forces in zip(extra, predict_graphs(ckpt.model, graphs)[1]):
+        np.testing.assert_allclose(f.arrays["model_forces"], forces, atol=1e-5)
