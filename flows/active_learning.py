@@ -32,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.tasks import (
+    check_task,
     evaluate_task,
     label_task,
     seed_file_task,
@@ -155,6 +156,14 @@ def active_learning(
         logger.info(f"seed: {seeded} in {time.perf_counter() - t0:.1f} s")
         state["seeded"] = seeded
         run.write_state(state)
+    if cfg.active_learning.check is not None:  # made once; a resumed campaign re-reads it
+        t0 = time.perf_counter()
+        check = check_task(str(run.root))
+        seconds = time.perf_counter() - t0
+        if check and check.startswith("unavailable"):
+            logger.warning(f"accuracy check {check}: the trigger rate alone will decide")
+        else:
+            logger.info(f"accuracy check frames: {check} ({seconds:.1f} s)")
     specs = campaign.walker_specs(cfg)
     round_ = len(rows)
     reason = campaign.convergence(rows, cfg) if rows else None  # a resumed, finished loop
@@ -187,12 +196,7 @@ def active_learning(
         logger.info(
             f"round {round_}: {row['labels_added']} labels added ({row['labels_failed']} failed), "
             f"{row['labels_total']} in total; trigger rate {row['triggers_per_ps']:.2f}/ps; "
-            f"σ mean {row['sigma_mean']:.3f} eV/Å; {row['audits']} audits"
-            + (
-                f" (mean max force error {row['audit_max_force_error']:.3f} eV/Å)"
-                if row["audits"]
-                else ""
-            )
+            f"σ mean {row['sigma_mean']:.3f} eV/Å; {_extras(row)}"
         )
         _round_artifacts(run, rows)
         reason = campaign.convergence(rows, cfg)
@@ -206,6 +210,16 @@ def active_learning(
     run.write_state(state)
     logger.info(f"stopped: {reason}; run directory {run.root}")
     return state
+
+
+def _extras(row: dict[str, Any]) -> str:
+    """The round's audits and accuracy check, for its log line."""
+    out = f"{row['audits']} audits"
+    if row["audits"]:
+        out += f" (mean max force error {row['audit_max_force_error']:.3f} eV/Å)"
+    if "check_force_mae" in row:
+        out += f"; force MAE on the check frames {row['check_force_mae']:.4f} eV/Å"
+    return out
 
 
 def run_campaign(

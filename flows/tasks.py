@@ -30,6 +30,11 @@ def seed_file_task(run_dir: str) -> tuple[str, int] | None:
     return campaign.seed_file(_run(run_dir))
 
 
+@task(name="check-frames", cache_policy=NO_CACHE)
+def check_task(run_dir: str) -> str | None:
+    return campaign.check_file(_run(run_dir))
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(run_dir: str, round_: int) -> dict[str, Any]:
     return campaign.train_round(_run(run_dir), round_, log=_log)

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import yaml
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
 from mlforce.config import Config, config_from_dict
-from mlforce.errors import ConfigError, MlforceError
+from mlforce.errors import ConfigError, MlforceError, ReferenceFailure
 
 Logger = Callable[[str], None]
 STATE = "state.json"
@@ -223,6 +224,77 @@ def seed_frames(config: Config) -> list[Atoms]:
 
 
 SEED_FILE = "seed_frames.extxyz"
+CHECK_FILE = "check_frames.extxyz"
+CHECK_SEED_OFFSET = 100_003  # the check MD's random seed: md.seed + this (+ structure index)
+
+
+CHECK_ATTEMPTS = 3  # tries of the check's MD (new velocities each) before it is given up
+
+
+def check_frames(config: Config) -> list[Atoms]:
+    """The accuracy check's frames (``active_learning.check``), labelled by the reference:
+    per start structure, a reference MD at the seed's temperature (driven by the seed's cheaper
+    ``sampler`` if it has one, whose frames the reference then labels, each call retried like
+    a label) with another random seed and ``check.interval`` steps between frames. An MD that
+    fails starts again with new velocities, :data:`CHECK_ATTEMPTS` times in all; then the
+    last error is raised."""
+    from mlforce.generate import reference_md
+    from mlforce.labeling import run_with_retries
+    from mlforce.md import load_start_structure
+
+    al = config.active_learning
+    check = al.check
+    if check is None:
+        return []
+    gen = config.data.generate.model_copy(
+        update={"interval": check.interval, "equilibration_steps": check.interval}
+    )
+    temperature = check.temperature or al.seed.temperature
+    driver = al.seed.sampler or config.reference
+    frames: list[Atoms] = []
+    for k, path in enumerate(config.md.structures):
+        start = load_start_structure(path)
+        for attempt in range(CHECK_ATTEMPTS):
+            seed = config.md.seed + CHECK_SEED_OFFSET + 7919 * attempt + k
+            try:
+                md = reference_md(start, driver, temperature, check.frames, gen, seed)
+                break
+            except Exception:
+                if attempt == CHECK_ATTEMPTS - 1:
+                    raise
+        for frame in md:
+            if al.seed.sampler is not None:  # the sampler's labels are not the reference's
+                clean = Atoms(frame.numbers, frame.positions, cell=frame.cell, pbc=frame.pbc)
+                outcome = run_with_retries(clean, config.reference)
+                if outcome.result is None:
+                    raise ReferenceFailure(outcome.error or "reference failed")
+                clean.calc = SinglePointCalculator(
+                    clean, energy=outcome.result.energy, forces=outcome.result.forces
+                )
+                clean.info.update(frame.info)
+                frame = clean
+            frame.info.update(trigger="check", walker=k)
+            frames.append(frame)
+    return frames
+
+
+def check_file(run: RunDir) -> str | None:
+    """RUN/check_frames.extxyz (None without ``active_learning.check``): made once
+    (atomically) and re-read on resume, so every round is scored on the same frames. A
+    reference that fails the check's MD does not fail the campaign: None, and the campaign
+    stops by its trigger rate alone, saying so."""
+    if run.config().active_learning.check is None:
+        return None
+    path = run.root / CHECK_FILE
+    if not path.is_file():
+        try:
+            frames = check_frames(run.config())
+        except Exception as err:  # a failing reference, whatever it raised
+            return f"unavailable: {' '.join(str(err).split())[:200] or type(err).__name__}"
+        tmp = path.with_suffix(".tmp.extxyz")
+        write(tmp, frames, format="extxyz")
+        os.replace(tmp, path)
+    return str(path)
 
 
 def seed_file(run: RunDir) -> tuple[str, int] | None:
@@ -780,6 +852,9 @@ def evaluate_round(
         "label_seconds": sum(x.get("reference_seconds", 0.0) for x in labels),
         "checkpoint": train["checkpoint"],
     }
+    check = run.root / CHECK_FILE
+    if config.active_learning.check is not None and check.is_file():
+        row["check_force_mae"] = test_errors(train["checkpoint"], [str(check)])[check.stem]
     if config.active_learning.test_files:
         row["test_force_mae"] = test_errors(train["checkpoint"], config.active_learning.test_files)
     return row
@@ -810,13 +885,15 @@ def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
     recent = rounds[-k:]
     if len(recent) == k and all(r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent):
         quiet = f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds"
-        target = al.target_val_force_mae
-        if target is None:
+        if al.check is None:
             return f"converged: {quiet}"
-        if recent[-1]["val_force_mae"] <= target:
+        error = recent[-1].get("check_force_mae")
+        if error is None:  # its reference MD failed (check_file): the trigger rate alone
+            return f"converged: {quiet} (no accuracy check: its reference MD failed)"
+        if error <= al.check.target_force_mae:
             return (
-                f"converged: {quiet}, validation force MAE "
-                f"{recent[-1]['val_force_mae']:.4f} <= {target} eV/Å"
+                f"converged: {quiet}, force MAE on the check frames {error:.4f} <= "
+                f"{al.check.target_force_mae} eV/Å"
             )
     if rounds and rounds[-1]["labels_total"] >= al.total_label_budget:
         return f"label budget of {al.total_label_budget} reached"
@@ -826,19 +903,22 @@ def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
 
 
 def convergence_note(rounds: list[dict[str, Any]], config: Config) -> str | None:
-    """Why a campaign whose trigger rate says "converged" goes on, else None."""
+    """Why a campaign whose trigger rate says "converged" goes on (its check), else None."""
     al = config.active_learning
-    k, target = al.converged_rounds, al.target_val_force_mae
+    k = al.converged_rounds
     recent = rounds[-k:]
     quiet = len(recent) == k and all(
         r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent
     )
-    if not quiet or target is None or recent[-1]["val_force_mae"] <= target:
+    if not quiet or al.check is None:
+        return None
+    error = recent[-1].get("check_force_mae")
+    if error is None or error <= al.check.target_force_mae:
         return None
     return (
-        f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds, but validation "
-        f"force MAE {recent[-1]['val_force_mae']:.4f} > {target} eV/Å: the model is "
-        "confident where its MD goes and wrong elsewhere; going on"
+        f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds, but force MAE on "
+        f"the check frames {error:.4f} > {al.check.target_force_mae} eV/Å: the model is confident "
+        "where its MD goes and wrong elsewhere; the next round fills its label budget"
     )
 
 

@@ -352,6 +352,25 @@ class RunnerConfig(Strict):
     address: str | None = Field(None, description="an existing Dask scheduler address")
 
 
+class CheckConfig(Strict):
+    """Frames of a separate reference MD (the seed MD's settings, another random seed), made
+    once at the start and never trained on: the campaign's own unbiased accuracy check. A low
+    trigger rate alone can come from a model that is confident and wrong where its own MD does
+    not go (docs/benchmarks.md 24-25); while the campaign is quiet but fails this check, each
+    round fills its label budget from the frames the walkers visited (trigger ``top_up``)."""
+
+    frames: int = Field(40, ge=2, description="check frames per start structure")
+    interval: int = Field(
+        100,
+        ge=1,
+        description="MD steps between check frames: far enough apart to be independent "
+        "samples (frames 10 fs apart over 0.4 ps could not tell a model 2x off target from a "
+        "good one; 25 fs apart over 5 ps could: docs/benchmarks.md 25)",
+    )
+    temperature: float | None = Field(None, gt=0, description="K; None: the seed MD's")
+    target_force_mae: float = Field(gt=0, description="eV/Å, on the check frames")
+
+
 class ActiveLearningConfig(Strict):
     """Rounds of train -> simulate -> select -> label, until converged."""
 
@@ -363,15 +382,11 @@ class ActiveLearningConfig(Strict):
         2.0, ge=0, description="converged when the trigger rate stays below this"
     )
     converged_rounds: int = Field(2, ge=1, description="... for this many consecutive rounds")
-    target_val_force_mae: float | None = Field(
+    check: CheckConfig | None = Field(
         None,
-        gt=0,
-        description="eV/Å: converged only if, besides the trigger rate, the last round's "
-        "model has a force MAE on the ledger's held-out labels at most this. A low trigger "
-        "rate alone can come from a model that is confident and wrong where its own MD does "
-        "not go (docs/benchmarks.md 24-25); while it is quiet and not accurate, each round "
-        "fills its label budget from the frames the walkers visited, chosen by σ and "
-        "diversity as flagged frames are (trigger top_up). None: the trigger rate alone",
+        description="an independent accuracy check for the stop rule: frames of a separate "
+        "reference MD, never trained on; converged then also needs the round model's force "
+        "MAE on them at most check.target_force_mae. None: the trigger rate alone",
     )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="ledger validation split")
     round_epochs: int | None = Field(

@@ -67,13 +67,16 @@ def plot_uncertainty_vs_error(
 
 
 def plot_learning_curve(ax: Any, rounds: Sequence[dict[str, Any]]) -> Any:
-    """Validation force MAE and audit error vs number of labels."""
+    """Validation force MAE, audit error and check-frame MAE vs number of labels."""
     n = [r["labels_total"] for r in rounds]
     ax.plot(n, [r["val_force_mae"] for r in rounds], "o-", label="validation force MAE")
     audit = [(r["labels_total"], r["audit_max_force_error"]) for r in rounds
              if r.get("audit_max_force_error") is not None]  # fmt: skip
     if audit:
         ax.plot(*zip(*audit), "^--", label="audit: mean max force error")
+    check = [(r["labels_total"], r["check_force_mae"]) for r in rounds if "check_force_mae" in r]
+    if check:
+        ax.plot(*zip(*check), "D-", label="check frames: force MAE (the stop rule's)")
     tests = [
         (r["labels_total"], v) for r in rounds for v in (r.get("test_force_mae") or {}).values()
     ]

@@ -310,8 +310,9 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
         )
     if rounds:
         cols = ["round", "labels_added", "labels_failed", "labels_total", "val_force_mae",
-                "audit_max_force_error", "triggers_per_ps", "sigma_mean", "sigma_max",
-                "train_seconds", "simulate_seconds", "label_seconds"]  # fmt: skip
+                "check_force_mae", "audit_max_force_error", "triggers_per_ps", "sigma_mean",
+                "sigma_max", "train_seconds", "simulate_seconds", "label_seconds"]  # fmt: skip
+        cols = [c for c in cols if c != "check_force_mae" or "check_force_mae" in rounds[-1]]
         parts.append(_table(rounds, cols))
     parts.append(_img(_labels_per_round(rows), "labels per round by trigger"))
     config = None

@@ -239,11 +239,11 @@ def test_a_quiet_but_inaccurate_campaign_fills_its_round_from_the_visited_frames
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
     plain = read(select_frames(run, 2, files)["selected_file"], ":")
     assert {f.info["trigger"] for f in plain} <= {"uncertainty", "audit"}
-    assert len(plain) == len(flagged)  # a round takes what was flagged, no more
+    assert len(plain) == len(flagged)  # a round takes what was flagged, no more (check passed)
 
-    # round 1 quiet (below an absurd rate target) but far from an absurd accuracy target
-    cfg["active_learning"].update(target_triggers_per_ps=1e9, converged_rounds=1,
-                                  target_val_force_mae=1e-6)  # fmt: skip
+    # round 1 quiet (below an absurd rate target) but failing an absurd accuracy check
+    cfg["active_learning"].update(target_triggers_per_ps=1e9, converged_rounds=1)
+    cfg["active_learning"]["check"]["target_force_mae"] = 1e-6
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg))
     frames = read(select_frames(run, 2, files)["selected_file"], ":")
     extra = [f for f in frames if f.info["trigger"] == "top_up"]
