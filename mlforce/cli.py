@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mlforce.errors import MlforceError
+from mlforce.keys import TRIGGERS
 
 
 def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -490,9 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("labels", help="the label ledger as a table / JSON / CSV / extxyz")
     p.add_argument("path", help="a run directory or a ledger (labels.db)")
     p.add_argument("--round", type=int, help="only this round (0: seed)")
-    p.add_argument(
-        "--trigger", choices=["seed", "uncertainty", "audit", "top_up", "random", "guard", "manual"]
-    )
+    p.add_argument("--trigger", choices=list(TRIGGERS))
     p.add_argument("--status", choices=["ok", "failed"])
     p.add_argument("--min-std", type=float, help="only labels with max_force_std >= this")
     p.add_argument("--sort", help="column to sort by, '-' prefix for descending")

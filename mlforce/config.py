@@ -353,11 +353,12 @@ class RunnerConfig(Strict):
 
 
 class CheckConfig(Strict):
-    """Frames of a separate reference MD (the seed MD's settings, another random seed), made
-    once at the start and never trained on: the campaign's own unbiased accuracy check. A low
-    trigger rate alone can come from a model that is confident and wrong where its own MD does
-    not go (docs/benchmarks.md 24-25); while the campaign is quiet but fails this check, each
-    round fills its label budget from the frames the walkers visited (trigger ``top_up``)."""
+    """Frames of a separate reference MD (the seed MD's temperature and driver, another random
+    seed, frames ``interval`` steps apart), made once at the start and never trained on: the
+    campaign's own unbiased accuracy check. A low trigger rate alone can come from a model that
+    is confident and wrong where its own MD does not go (docs/benchmarks.md 24-25); while the
+    campaign is quiet but fails this check, each round fills its label budget from the frames
+    the walkers visited (trigger ``top_up``)."""
 
     frames: int = Field(40, ge=2, description="check frames per start structure")
     interval: int = Field(

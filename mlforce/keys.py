@@ -26,3 +26,8 @@ FORCES_STD = "forces_std"  # (n,) eV/Å, per atom: norm of the 3-component std o
 MAX_FORCE_STD = "max_force_std"  # (B,) eV/Å, max over atoms of forces_std (calibrated)
 ENERGY_SAMPLES = "energy_samples"  # (T, B) eV
 FORCES_SAMPLES = "forces_samples"  # (T, n, 3) eV/Å
+
+# --- label ledger ---------------------------------------------------------------------------
+# why a structure was labelled (the ledger's ``trigger``); ``top_up``: a round filled from the
+# visited frames while the campaign was quiet but failed its accuracy check
+TRIGGERS = ("seed", "uncertainty", "random", "audit", "guard", "manual", "top_up")

@@ -35,8 +35,8 @@ from ase.db.core import str_represents
 from ase.db.sqlite import SQLite3Database
 
 from mlforce.errors import StoreError
+from mlforce.keys import TRIGGERS
 
-TRIGGERS = ("seed", "uncertainty", "random", "audit", "guard", "manual", "top_up")
 STATUSES = ("ok", "failed")
 
 # Provenance key -> (type, description with unit). Keys given as None are omitted.
