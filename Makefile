@@ -21,7 +21,9 @@ install: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	# two workers (pytest-xdist): the flow tests wait on subprocesses and servers, and one
+	# process kept the 2 cores ~0.8 busy (6:04 serial, 3:30 with two workers; docs/benchmarks.md 26)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # Debian's Chromium for the report's real-browser test (it skips, saying why, without one).
 browser:
