@@ -97,6 +97,17 @@ class TrainingConfig(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(60, ge=1, description="early stopping: epochs without improvement")
     ema_decay: float | None = Field(0.99, ge=0, lt=1, description="EMA of weights (None: off)")
+    swa_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="stochastic weight averaging: the last fraction of the schedule runs at "
+        "the constant rate swa_lr and the returned model is the uniform average of its steps "
+        "(0: off; the EMA at the best validation epoch is returned)",
+    )
+    swa_lr: float | None = Field(
+        None, gt=0, description="learning rate of the averaging phase (None: lr / 5)"
+    )
     deterministic_fraction: float = Field(
         0.5,
         ge=0,

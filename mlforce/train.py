@@ -111,6 +111,12 @@ def train_member(
     warmup = t.warmup_epochs / max(t.max_epochs, 1)
     final_ratio = t.lr_min / t.lr
     budget_s = t.max_minutes * 60.0 if t.max_minutes else math.inf
+    # SWA: the cosine runs over the first (1 - f) of the schedule down to swa_lr, which then
+    # holds while every step's weights enter a uniform average (Izmailov et al. 2018)
+    swa_start = 1.0 - t.swa_fraction
+    swa_lr = t.swa_lr if t.swa_lr is not None else t.lr / 5.0
+    swa = AveragedModel(model, use_buffers=True) if t.swa_fraction > 0 else None
+    swa_steps = 0
     start = time.perf_counter()
     best: dict[str, Any] = {"force_mae": math.inf}
     best_state = copy.deepcopy(model.state_dict())
@@ -129,8 +135,15 @@ def train_member(
             # machine's load whenever the budget does not bind.
             elapsed = time.perf_counter() - start if epoch > 1 else 0.0
             progress = max((epoch - 1 + b / n_batches) / t.max_epochs, elapsed / budget_s)
+            in_swa = swa is not None and progress >= swa_start
+            if swa is None:
+                lr = t.lr * _lr_factor(progress, warmup, final_ratio)
+            elif in_swa:
+                lr = swa_lr
+            else:  # the warm-up + cosine squeezed into the phase before averaging
+                lr = t.lr * _lr_factor(progress / swa_start, warmup / swa_start, swa_lr / t.lr)
             for group in optimizer.param_groups:
-                group["lr"] = t.lr * _lr_factor(progress, warmup, final_ratio)
+                group["lr"] = lr
             idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             batch = batch_graphs([train_graphs[i] for i in idx]).to(device)
             dropout = (
@@ -145,6 +158,9 @@ def train_member(
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
+            if in_swa:
+                swa.update_parameters(model)
+                swa_steps += 1
             running += float(loss.detach())
         current = ema.module if ema is not None else model
         current.eval()
@@ -173,12 +189,16 @@ def train_member(
                 f"{1000 * metrics['energy_mae_per_atom']:.2f} meV/atom  best "
                 f"{best['force_mae']:.4f} (epoch {best['epoch']})  {elapsed:.0f} s"
             )
-        if stale >= t.patience:
+        if stale >= t.patience and swa is None:  # SWA runs its whole schedule
             stop_reason = "early_stopping"
             break
         if elapsed >= budget_s:
             stop_reason = "time_limit"
             break
+    if swa_steps:  # the average of the last phase, whatever the best epoch was before it
+        best_state = copy.deepcopy(swa.module.state_dict())
+        best["epoch"] = len(history)
+        stop_reason += f", SWA over {swa_steps} steps"
     model.load_state_dict(best_state)
     model.eval()
     refit_energy_shift(model, train_graphs)
