@@ -86,3 +86,36 @@ def test_large_data_placement_applies_to_a_fresh_single_model_on_enough_frames(x
 
     committee = Config.model_validate({**base, "training": {**base["training"], "ensemble": 2}})
     assert committee.for_training_frames(1000) is committee
+
+
+def test_swa_returns_the_uniform_average_of_the_constant_rate_phase(xtb_frames):
+    """``training.swa_fraction``: the last phase runs at ``swa_lr`` and the model returned is
+    the mean of the weights after each of its optimizer steps."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    config = Config.model_validate({
+        "device": "cpu",
+        "model": {"features": 16, "blocks": 2, "radial_basis": 8, "cutoff": 4.5},
+        "training": {"max_epochs": 4, "max_minutes": None, "batch_size": 8, "patience": 1,
+                     "warmup_epochs": 1, "threads": 1, "swa_fraction": 0.5, "swa_lr": 7e-4},
+    })  # fmt: skip
+    steps: list[tuple[float, list[torch.Tensor]]] = []
+
+    def record(optimizer, args, kwargs):
+        params = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+        steps.append((optimizer.param_groups[0]["lr"], params))
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        result = train_models(xtb_frames[:24], xtb_frames[24:30], config, log=lambda m: None)
+    finally:
+        handle.remove()
+    assert len(steps) == 4 * 3  # 24 frames, batches of 8, every epoch run (no early stop)
+    phase = [params for lr, params in steps if lr == 7e-4]
+    assert len(phase) == 6 and all(lr != 7e-4 for lr, _ in steps[:6])  # the last half
+    mean = [torch.stack(ps).mean(0) for ps in zip(*phase)]
+    final = list(result.models[0].parameters())
+    for got, want in zip(final, mean):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # float32 running mean
+    assert not torch.allclose(final[0], phase[-1][0])  # the average, not the last step
+    assert "SWA over 6 steps" in result.metrics["stop_reason"]
