@@ -42,6 +42,12 @@ class LargeDataDropout(Strict):
         3.0, gt=0, description="replaces uncertainty.local_radius (Å; σ of the worst "
         "neighbourhood, written into the checkpoint)",
     )  # fmt: skip
+    max_epochs: int | None = Field(
+        None, ge=1, description="replaces training.max_epochs (None: keep it)"
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="replaces training.max_minutes (None: keep it)"
+    )
 
 
 class ModelConfig(Strict):
@@ -448,6 +454,10 @@ class Config(Strict):
             }
         )
         out.uncertainty = out.uncertainty.model_copy(update={"local_radius": large.local_radius})
+        schedule = {"max_epochs": large.max_epochs, "max_minutes": large.max_minutes}
+        out.training = out.training.model_copy(
+            update={k: v for k, v in schedule.items() if v is not None}
+        )
         return out
 
 

@@ -274,7 +274,8 @@ def train_models(
                 f"{len(train_frames) + len(val_frames)} frames >= model.large_data.frames: "
                 f"dropout in the last {m.dropout_blocks or 'every'} block(s), node "
                 f"{m.node_dropout}, edge {m.edge_dropout}; σ local_radius "
-                f"{resolved.uncertainty.local_radius} Å"
+                f"{resolved.uncertainty.local_radius} Å; {resolved.training.max_epochs} epochs "
+                f"at most, {resolved.training.max_minutes} min"
             )
             config = resolved
     cutoff = config.model.cutoff

@@ -62,7 +62,7 @@ def test_large_data_placement_applies_to_a_fresh_single_model_on_enough_frames(x
         "device": "cpu",
         "model": {"features": 16, "blocks": 2, "radial_basis": 8, "cutoff": 4.5,
                   "large_data": {"frames": 20, "dropout_blocks": 1, "node_dropout": 0.3,
-                                 "edge_dropout": 0.15, "local_radius": 2.5}},
+                                 "edge_dropout": 0.15, "local_radius": 2.5, "max_epochs": 2}},
         "training": {"max_epochs": 1, "batch_size": 8, "threads": 1},
         "uncertainty": {"mc_samples": 4},
     }  # fmt: skip
@@ -79,6 +79,7 @@ def test_large_data_placement_applies_to_a_fresh_single_model_on_enough_frames(x
     assert model.first_dropout_block == 1 and model.block_rates(1) == (0.3, 0.15)
     assert model.config.large_data is None  # the checkpoint says what the model is
     assert many.calibration["local_radius"] == 2.5
+    assert many.metrics["epochs"] == 2 and few.metrics["epochs"] == 1  # its own schedule
 
     warm = train_models(xtb_frames[:16], xtb_frames[16:20], config, warm_start=few.models,
                         log=quiet)  # fmt: skip
