@@ -19,24 +19,13 @@ import json
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 from mlforce.checkpoint import load_checkpoint
 from mlforce.data import graphs_from_frames, read_labelled
-from mlforce.graph import batch_graphs
+from mlforce.latent import LatentReference, atom_features
 from mlforce.metrics import auroc_top_fraction, spearman
 from mlforce.uncertainty import predict_dataset
-
-
-def atom_features(model, graphs, chunk: int = 64) -> list[np.ndarray]:
-    """Per structure, the model's invariant features (n_b, F)."""
-    out: list[np.ndarray] = []
-    for i in range(0, len(graphs), chunk):
-        part = graphs[i : i + chunk]
-        features = model.atom_features(batch_graphs(part)).numpy()
-        out += np.split(features, np.cumsum([g.pos.shape[0] for g in part])[:-1])
-    return out
 
 
 def local_max(per_atom: np.ndarray, atoms, radius: float = 3.0) -> float:
@@ -52,6 +41,9 @@ def main() -> None:
     parser.add_argument("--test", action="append", required=True, metavar="NAME=FILE")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--max-per-element", type=int, default=None, help="subsample the training atoms"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     ckpt = load_checkpoint(args.checkpoint)
@@ -62,22 +54,25 @@ def main() -> None:
         return graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, with_labels=True)
 
     train = read_labelled(args.train)
-    numbers = np.concatenate([a.numbers for a in train])
-    features = np.concatenate(atom_features(model, graphs(train)))
-    mean, std = features.mean(0), features.std(0) + 1e-9
-    trees = {z: cKDTree((features[numbers == z] - mean) / std) for z in np.unique(numbers)}
-    result: dict = {"checkpoint": args.checkpoint, "train": args.train, "tests": {}}
+    reference = LatentReference.build(
+        atom_features(model, graphs(train)),
+        [a.numbers for a in train],
+        max_per_element=args.max_per_element,
+    )
+    result: dict = {
+        "checkpoint": args.checkpoint,
+        "train": args.train,
+        "max_per_element": args.max_per_element,
+        "tests": {},
+    }
     for item in args.test:
         name, _, path = item.partition("=")
         frames = read_labelled(path)
         test_graphs = graphs(frames)
-        distance = []
-        for atoms, f in zip(frames, atom_features(model, test_graphs)):
-            d = np.zeros(len(atoms))
-            for z in np.unique(atoms.numbers):
-                mask = atoms.numbers == z
-                d[mask] = trees[z].query((f[mask] - mean) / std, k=1)[0]
-            distance.append(d)
+        distance = [
+            reference.distance(f, atoms.numbers)
+            for atoms, f in zip(frames, atom_features(model, test_graphs))
+        ]
         latent_max = np.array([d.max() for d in distance])
         latent_3a = np.array([local_max(d, a) for d, a in zip(distance, frames)])
         f_ref = [g.forces_ref.numpy() for g in test_graphs]
@@ -94,6 +89,8 @@ def main() -> None:
                 "latent_3A": latent_3a,
                 "ranks_sigma_3A+latent_3A": rankdata(sigma_3a) + rankdata(latent_3a),
                 "ranks_sigma_3A+latent_max": rankdata(sigma_3a) + rankdata(latent_max),
+                # a product has a unit (eV/Å once scaled) and ranks like log σ + log d
+                "geometric_mean_sigma_3A_latent_3A": np.sqrt(sigma_3a * latent_3a),
             }
             for key, value in signals.items():
                 row = table.setdefault(key, {"spearman": [], "auroc_top10": []})

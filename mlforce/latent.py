@@ -1,0 +1,102 @@
+"""Distance to the training data in the model's own learned features: a second cheap signal.
+
+For each atom, the Euclidean distance from its invariant features after the last block
+(:meth:`ForceField.atom_features`, standardised feature by feature) to the nearest training
+atom of the same element. Atoms whose environment the model has seen sit near zero; new
+environments lie far away. Measured on ethanol (docs/benchmarks.md 26): per structure, the
+maximum of its 3 Å neighbourhood mean ranks true force errors better than MC-dropout σ in
+Spearman on 7 of 8 model x temperature cases, and the geometric mean of the two ranks better
+than either alone. Unitless; it is not a force error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from mlforce.graph import batch_graphs
+
+
+def atom_features(model: Any, graphs: Sequence[Any], chunk: int = 64) -> list[np.ndarray]:
+    """Per structure, the dropout-free model's invariant features (n_b, F), as float64."""
+    out: list[np.ndarray] = []
+    for i in range(0, len(graphs), chunk):
+        part = list(graphs[i : i + chunk])
+        features = model.atom_features(batch_graphs(part)).detach().cpu().double().numpy()
+        out += np.split(features, np.cumsum([g.pos.shape[0] for g in part])[:-1])
+    return out
+
+
+@dataclass
+class LatentReference:
+    """Standardised training-atom features per element, with a nearest-neighbour index.
+
+    ``mean``, ``std`` (F,): the standardisation of the training features; ``points``: atomic
+    number -> (m_z, F) standardised features of (at most ``max_per_element``) training atoms.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    points: dict[int, np.ndarray]
+
+    def __post_init__(self) -> None:
+        self._trees = {z: cKDTree(p) for z, p in self.points.items()}
+
+    @classmethod
+    def build(
+        cls,
+        features: Sequence[np.ndarray],
+        numbers: Sequence[np.ndarray],
+        max_per_element: int | None = 2000,
+        seed: int = 0,
+    ) -> LatentReference:
+        """From training structures' features [(n_b, F)] and atomic numbers [(n_b,)].
+
+        Elements with more atoms than ``max_per_element`` keep a seeded random subset (the
+        index and the checkpoint stay small; ~1.3 MB in float32 for 5000 atoms x 64 features).
+        """
+        x = np.concatenate([np.asarray(f, dtype=np.float64) for f in features])
+        z = np.concatenate([np.asarray(n) for n in numbers])
+        if x.shape[0] != z.shape[0] or x.shape[0] == 0:
+            raise ValueError(f"{x.shape[0]} feature rows for {z.shape[0]} atoms")
+        mean, std = x.mean(0), x.std(0) + 1e-9
+        rng = np.random.default_rng(seed)
+        points = {}
+        for element in np.unique(z):
+            rows = np.flatnonzero(z == element)
+            if max_per_element is not None and len(rows) > max_per_element:
+                rows = np.sort(rng.choice(rows, max_per_element, replace=False))
+            points[int(element)] = ((x[rows] - mean) / std).astype(np.float32)
+        return cls(mean, std, points)
+
+    def distance(self, features: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+        """Per-atom distance (n,) to the nearest training atom of the same element.
+
+        An element absent from the training data gets ``inf``: the model has never seen it.
+        """
+        x = (np.asarray(features, dtype=np.float64) - self.mean) / self.std
+        numbers = np.asarray(numbers)
+        out = np.full(len(numbers), np.inf)
+        for element in np.unique(numbers):
+            tree = self._trees.get(int(element))
+            if tree is not None:
+                mask = numbers == element
+                out[mask] = tree.query(x[mask], k=1)[0]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain arrays for a checkpoint (float32 points)."""
+        return {
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "points": {str(z): p for z, p in self.points.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatentReference:
+        points = {int(z): np.asarray(p, dtype=np.float32) for z, p in data["points"].items()}
+        return cls(np.asarray(data["mean"]), np.asarray(data["std"]), points)
