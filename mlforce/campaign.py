@@ -536,6 +536,22 @@ def learned_descriptors(checkpoint: str | Path, frames: list[Atoms]) -> np.ndarr
     return np.array(out)
 
 
+def latent_novelty(
+    checkpoint: str | Path, frames: list[Atoms], labelled: list[Atoms]
+) -> np.ndarray:
+    """(N,) each frame's distance to the labelled atoms in a checkpoint's own features
+    (:func:`mlforce.latent.structure_novelty`, 3 Å neighbourhoods)."""
+    from mlforce.checkpoint import load_checkpoint
+    from mlforce.data import graphs_from_frames
+    from mlforce.latent import structure_novelty
+
+    ckpt = load_checkpoint(checkpoint)
+    dtype = next(ckpt.model.parameters()).dtype
+    graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
+    known = graphs_from_frames(labelled, ckpt.species, ckpt.cutoff, dtype, False)
+    return structure_novelty(ckpt.model, graphs, known)
+
+
 def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, seed: int) -> None:
     """Re-score frames' ``max_force_std`` (calibrated, eV/Å) with ``samples`` MC masks, in place.
 
@@ -619,7 +635,11 @@ def select_frames(run: RunDir, round_: int, candidate_files: list[str]) -> dict[
     else:
         descriptors = learned_descriptors(run.checkpoint(round_), others) if others else []
         walkers = [int(f.info.get("walker", 0)) for f in others]
-        chosen = stratified_selection(descriptors, sigma, walkers, wanted, seed)
+        scores = sigma
+        if al.selection == "uncertainty_latent" and others:
+            novelty = latent_novelty(run.checkpoint(round_), others, store.atoms(status="ok"))
+            scores = list(np.sqrt(np.maximum(sigma, 0.0) * novelty))
+        chosen = stratified_selection(descriptors, scores, walkers, wanted, seed)
         selected = audits + [others[i] for i in chosen]
         short = budget - len(selected)
         before = [r for r in run.state().get("rounds", []) if r["round"] < round_]

@@ -413,11 +413,13 @@ class ActiveLearningConfig(Strict):
     test_files: list[str] = Field(
         default_factory=list, description="labelled extxyz files the final model is scored on"
     )
-    selection: Literal["uncertainty", "uncertainty_fps", "random"] = Field(
+    selection: Literal["uncertainty", "uncertainty_latent", "uncertainty_fps", "random"] = Field(
         "uncertainty",
         description="which frames a round labels: uncertainty (flagged frames, an even share "
         "per walker, k-means in the model's learned features, the most uncertain typical "
-        "frame of each cluster), uncertainty_fps "
+        "frame of each cluster), uncertainty_latent (the same, each cluster's frame chosen by "
+        "the geometric mean of σ and the frame's distance to the labelled atoms in the model's "
+        "features, mlforce.latent), uncertainty_fps "
         "(highest σ, then farthest points on inverse distances), random (as many frames as "
         "uncertainty would take, uniformly from every frame the walkers visited)",
     )

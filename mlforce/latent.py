@@ -100,3 +100,33 @@ class LatentReference:
     def from_dict(cls, data: dict[str, Any]) -> LatentReference:
         points = {int(z): np.asarray(p, dtype=np.float32) for z, p in data["points"].items()}
         return cls(np.asarray(data["mean"]), np.asarray(data["std"]), points)
+
+
+def local_max(per_atom: np.ndarray, positions: np.ndarray, radius: float) -> float:
+    """Max over atoms of the mean of ``per_atom`` over each atom's neighbours within ``radius``
+    (Å, the atom itself included; open boundaries)."""
+    d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+    near = (d < radius).astype(float)
+    return float((near @ per_atom / near.sum(1)).max())
+
+
+def structure_novelty(
+    model: Any,
+    graphs: Sequence[Any],
+    reference_graphs: Sequence[Any],
+    radius: float = 3.0,
+    max_per_element: int | None = 2000,
+) -> np.ndarray:
+    """Per structure (N,): the max of the 3 Å neighbourhood mean of each atom's latent distance
+    to the atoms of ``reference_graphs`` (e.g. the labelled frames), in the model's features."""
+    numbers = [g.numbers.cpu().numpy() for g in reference_graphs]
+    reference = LatentReference.build(
+        atom_features(model, reference_graphs), numbers, max_per_element
+    )
+    out = []
+    for g, f in zip(graphs, atom_features(model, graphs)):
+        z = g.numbers.cpu().numpy()
+        out.append(
+            local_max(reference.distance(f, z), g.pos.detach().cpu().double().numpy(), radius)
+        )
+    return np.asarray(out)

@@ -95,7 +95,7 @@ def _with_selection(run_dir, tmp_path, selection):
 def test_select_step_swaps_strategy_with_one_key(tiny_campaign, tmp_path):
     run_dir, _ = tiny_campaign
     counts = {}
-    for selection in ("uncertainty", "uncertainty_fps", "random"):
+    for selection in ("uncertainty", "uncertainty_latent", "uncertainty_fps", "random"):
         run = _with_selection(run_dir, tmp_path, selection)
         files = sorted(str(p) for p in (run.root / "round_002").glob("candidates_*.extxyz"))
         out = select_frames(run, 2, files)
@@ -118,6 +118,23 @@ def test_select_step_swaps_strategy_with_one_key(tiny_campaign, tmp_path):
             assert set(hashes) <= candidates
     # the same number of labels: only which frames differs
     assert counts["uncertainty"] == counts["random"] == counts["uncertainty_fps"] > 0
+    assert counts["uncertainty_latent"] == counts["uncertainty"]
+
+
+def test_latent_novelty_is_zero_for_labelled_frames_and_grows_away_from_them(tiny_campaign):
+    """``selection: uncertainty_latent`` scores frames by their distance to the ledger's
+    labelled atoms in the round model's features: zero for a labelled frame itself."""
+    from mlforce.campaign import RunDir, latent_novelty
+
+    run_dir, _ = tiny_campaign
+    run = RunDir(run_dir)
+    labelled = LabelStore(run.ledger).atoms(status="ok")
+    distorted = [a.copy() for a in labelled[:3]]
+    for k, a in enumerate(distorted):
+        a.positions += np.random.default_rng(k).normal(scale=0.25, size=a.positions.shape)
+    novelty = latent_novelty(run.checkpoint(1), labelled[:3] + distorted, labelled)
+    assert np.allclose(novelty[:3], 0.0, atol=1e-3)
+    assert (novelty[3:] > 10 * max(novelty[:3].max(), 1e-3)).all()
 
 
 def test_cluster_selection_skips_far_outliers_of_a_cluster():
