@@ -23,15 +23,9 @@ from scipy.stats import rankdata
 
 from mlforce.checkpoint import load_checkpoint
 from mlforce.data import graphs_from_frames, read_labelled
-from mlforce.latent import LatentReference, atom_features
+from mlforce.latent import LatentReference, atom_features, local_max
 from mlforce.metrics import auroc_top_fraction, spearman
 from mlforce.uncertainty import predict_dataset
-
-
-def local_max(per_atom: np.ndarray, atoms, radius: float = 3.0) -> float:
-    """Max over atoms of the mean within ``radius`` (Å)."""
-    near = (atoms.get_all_distances(mic=bool(atoms.pbc.any())) < radius).astype(float)
-    return float((near @ per_atom / near.sum(1)).max())
 
 
 def main() -> None:
@@ -74,7 +68,7 @@ def main() -> None:
             for atoms, f in zip(frames, atom_features(model, test_graphs))
         ]
         latent_max = np.array([d.max() for d in distance])
-        latent_3a = np.array([local_max(d, a) for d, a in zip(distance, frames)])
+        latent_3a = np.array([local_max(d, a.positions, 3.0) for d, a in zip(distance, frames)])
         f_ref = [g.forces_ref.numpy() for g in test_graphs]
         table: dict = {}
         for seed in args.seeds:
@@ -82,7 +76,9 @@ def main() -> None:
             true = np.array(
                 [np.linalg.norm(f - r, axis=1).max() for f, r in zip(pred.forces, f_ref)]
             )
-            sigma_3a = np.array([local_max(s, a) for s, a in zip(pred.forces_std(), frames)])
+            sigma_3a = np.array(
+                [local_max(s, a.positions, 3.0) for s, a in zip(pred.forces_std(), frames)]
+            )
             signals = {
                 "sigma_3A": sigma_3a,
                 "latent_max": latent_max,
