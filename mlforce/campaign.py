@@ -518,22 +518,18 @@ def learned_descriptors(checkpoint: str | Path, frames: list[Atoms]) -> np.ndarr
     """(N, S * F) per-structure descriptors from a checkpoint's own features (first member)."""
     from mlforce.checkpoint import load_checkpoint
     from mlforce.data import graphs_from_frames
-    from mlforce.graph import batch_graphs
+    from mlforce.latent import atom_features
     from mlforce.selection import pooled_descriptor
 
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.model
-    dtype = next(model.parameters()).dtype
+    dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
-    out = []
-    for lo in range(0, len(graphs), 64):
-        chunk = graphs[lo : lo + 64]
-        batch = batch_graphs(chunk)
-        features = model.atom_features(batch).double().numpy()
-        cuts = np.cumsum([g.pos.shape[0] for g in chunk])[:-1]
-        for f, z in zip(np.split(features, cuts), np.split(batch.numbers.numpy(), cuts)):
-            out.append(pooled_descriptor(f, z, ckpt.species))
-    return np.array(out)
+    return np.array(
+        [
+            pooled_descriptor(f, g.numbers.numpy(), ckpt.species)
+            for f, g in zip(atom_features(ckpt.model, graphs), graphs)
+        ]
+    )
 
 
 def latent_novelty(
