@@ -87,6 +87,13 @@ def main() -> None:
                 "ranks_sigma_3A+latent_max": rankdata(sigma_3a) + rankdata(latent_max),
                 # a product has a unit (eV/Å once scaled) and ranks like log σ + log d
                 "geometric_mean_sigma_3A_latent_3A": np.sqrt(sigma_3a * latent_3a),
+                # per atom first (what a calculator can report per atom), then the 3 Å max
+                "per_atom_geometric_3A": np.array(
+                    [
+                        local_max(np.sqrt(s * d), a.positions, 3.0)
+                        for s, d, a in zip(pred.forces_std(), distance, frames)
+                    ]
+                ),
             }
             for key, value in signals.items():
                 row = table.setdefault(key, {"spearman": [], "auroc_top10": []})

@@ -357,6 +357,7 @@ def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str
         run.checkpoint(round_),
         result.models,
         calibration=result.calibration,
+        latent=result.latent,
         metadata={"round": round_, "training": result.metrics, "config": config.model_dump()},
     )
     return {
@@ -568,7 +569,9 @@ def rescore_sigma(checkpoint: str | Path, frames: list[Atoms], samples: int, see
         return
     dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(frames, ckpt.species, ckpt.cutoff, dtype, False)
-    pred = predict_dataset(ckpt.models, graphs, samples, seed, local_radius=ckpt.local_radius)
+    pred = predict_dataset(
+        ckpt.models, graphs, samples, seed, local_radius=ckpt.local_radius, latent=ckpt.latent
+    )
     calibrated, raw = pred.max_force_std(ckpt.calibration), pred.max_force_std()
     for frame, value, value_raw in zip(frames, calibrated, raw):
         if "max_force_std" in frame.info:

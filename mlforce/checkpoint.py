@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from mlforce import __version__
 from mlforce.config import ModelConfig
 from mlforce.errors import CheckpointError
+from mlforce.latent import LatentReference
 from mlforce.model import ForceField
 
 FORMAT = "mlforce-checkpoint"
@@ -46,6 +47,8 @@ class Checkpoint:
     calibration: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # training atoms' features: σ is combined with the latent distance (None: MC σ alone)
+    latent: LatentReference | None = None
 
     @property
     def model(self) -> ForceField:
@@ -90,8 +93,12 @@ def save_checkpoint(
     models: ForceField | list[ForceField],
     calibration: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    latent: LatentReference | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temp file + rename). Returns the file path."""
+    """Write a checkpoint atomically (temp file + rename). Returns the file path.
+
+    ``latent``: the training atoms' features (:class:`mlforce.latent.LatentReference`); a model
+    loaded from it reports σ combined with the latent distance."""
     members = models if isinstance(models, list) else [models]
     first = members[0]
     payload = {
@@ -105,6 +112,8 @@ def save_checkpoint(
         "calibration": dict(calibration or {}),
         "metadata": dict(metadata or {}),
     }
+    if latent is not None:
+        payload["latent"] = latent.to_dict()
     path = Path(path)
     if path.suffix != ".pt":
         path = path / CHECKPOINT_NAME
@@ -143,10 +152,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
             model = ForceField(payload["species"], config)
             model.load_state_dict(state)
             models.append(model.to(device).eval())
-    except (KeyError, ValidationError, RuntimeError) as err:
+        latent = LatentReference.from_dict(payload["latent"]) if "latent" in payload else None
+    except (KeyError, ValidationError, RuntimeError, ValueError, TypeError) as err:
         msg = str(err).splitlines()[0]
         raise CheckpointError(f"{p}: checkpoint is damaged or incompatible ({msg})") from None
-    return Checkpoint(models, payload.get("calibration", {}), payload.get("metadata", {}), p)
+    calibration, metadata = payload.get("calibration", {}), payload.get("metadata", {})
+    return Checkpoint(models, calibration, metadata, p, latent)
 
 
 def checkpoint_hash(path: str | Path) -> str:

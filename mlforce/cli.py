@@ -84,6 +84,7 @@ def run_training(config_path: str, data: list[str] | None, out: str, overrides: 
         Path(out),
         result.models,
         calibration=result.calibration,
+        latent=result.latent,
         metadata={
             "config": config.model_dump(),
             "training": result.metrics,
@@ -148,10 +149,14 @@ def run_evaluation(
     radius = ckpt.local_radius if local_radius is None else local_radius
     if radius and radius > ckpt.cutoff:
         raise MlforceError(f"--local-radius {radius} Å exceeds the model cutoff {ckpt.cutoff} Å")
-    pred = predict_dataset(ckpt.models, graphs, mc_samples, seed, local_radius=radius or None)
+    pred = predict_dataset(
+        ckpt.models, graphs, mc_samples, seed, local_radius=radius or None, latent=ckpt.latent
+    )
     metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
     metrics["local_radius"] = radius or None
     metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"
+    if ckpt.latent is not None and not ckpt.is_ensemble:
+        metrics["uncertainty"] += f" x latent distance ({ckpt.latent.n_points} training atoms)"
     return metrics
 
 

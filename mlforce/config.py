@@ -48,6 +48,9 @@ class LargeDataDropout(Strict):
     max_minutes: float | None = Field(
         None, gt=0, description="replaces training.max_minutes (None: keep it)"
     )
+    latent_atoms: int | None = Field(
+        None, ge=1, description="replaces uncertainty.latent_atoms (None: keep it)"
+    )
 
 
 class ModelConfig(Strict):
@@ -220,6 +223,14 @@ class UncertaintyConfig(Strict):
         "over the atoms within this distance (the worst neighbourhood, less MC sampling noise "
         "than the worst atom; docs/benchmarks.md 19); None: the largest per-atom σ. At most "
         "model.cutoff",
+    )
+    latent_atoms: int | None = Field(
+        None,
+        ge=1,
+        description="σ combined with the distance to the training atoms in the model's own "
+        "features: per atom sqrt(σ_MC · d), then calibrated as usual (mlforce.latent; "
+        "docs/benchmarks.md 27). The checkpoint keeps the features of at most this many "
+        "training atoms per element (~0.25 MB per 1000). None: the MC spread alone",
     )
     label_samples: int | None = Field(
         64,
@@ -455,7 +466,10 @@ class Config(Strict):
                 "large_data": None,
             }
         )
-        out.uncertainty = out.uncertainty.model_copy(update={"local_radius": large.local_radius})
+        update: dict[str, Any] = {"local_radius": large.local_radius}
+        if large.latent_atoms is not None:
+            update["latent_atoms"] = large.latent_atoms
+        out.uncertainty = out.uncertainty.model_copy(update=update)
         schedule = {"max_epochs": large.max_epochs, "max_minutes": large.max_minutes}
         out.training = out.training.model_copy(
             update={k: v for k, v in schedule.items() if v is not None}

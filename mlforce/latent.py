@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
 from mlforce.graph import batch_graphs
@@ -89,17 +90,41 @@ class LatentReference:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain arrays for a checkpoint (float32 points)."""
+        """Plain tensors for a checkpoint (loads with ``torch.load(weights_only=True)``):
+        float64 standardisation, float32 points."""
         return {
-            "mean": self.mean.tolist(),
-            "std": self.std.tolist(),
-            "points": {str(z): p for z, p in self.points.items()},
+            "mean": torch.as_tensor(self.mean, dtype=torch.float64),
+            "std": torch.as_tensor(self.std, dtype=torch.float64),
+            "points": {
+                str(z): torch.as_tensor(p, dtype=torch.float32) for z, p in self.points.items()
+            },
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatentReference:
-        points = {int(z): np.asarray(p, dtype=np.float32) for z, p in data["points"].items()}
-        return cls(np.asarray(data["mean"]), np.asarray(data["std"]), points)
+        """From :meth:`to_dict`'s tensors (or plain lists)."""
+
+        def array(x: Any, dtype: type) -> np.ndarray:
+            return np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=dtype)
+
+        points = {int(z): array(p, np.float32) for z, p in data["points"].items()}
+        return cls(array(data["mean"], np.float64), array(data["std"], np.float64), points)
+
+    @property
+    def n_points(self) -> int:
+        """Training atoms in the index, all elements together."""
+        return sum(len(p) for p in self.points.values())
+
+    def sigma_factor(self, model: Any, graph: Any, forces_std: torch.Tensor) -> torch.Tensor:
+        """Per-atom factor (n,) that turns MC σ (n,) into ``sqrt(σ · d)``, d the latent distance
+        of each atom of the (batched) ``graph`` in the dropout-free ``model``'s features.
+
+        Multiplying the raw component stds by it gives the combined signal, which the usual
+        calibration then scales into an expected error (eV/Å)."""
+        features = model.atom_features(graph).detach().cpu().double().numpy()
+        d = self.distance(features, graph.numbers.detach().cpu().numpy())
+        d = torch.as_tensor(d, dtype=forces_std.dtype, device=forces_std.device)
+        return torch.sqrt(d / forces_std.clamp_min(1e-12))
 
 
 def local_max(per_atom: np.ndarray, positions: np.ndarray, radius: float) -> float:

@@ -135,7 +135,9 @@ def _final_model_section(run_dir: Path, checkpoint: str | None, ledger: Path) ->
     dtype = next(ckpt.model.parameters()).dtype
     graphs = graphs_from_frames(val, ckpt.species, ckpt.cutoff, dtype, with_labels=True)
     t = config.uncertainty.mc_samples if config else 16
-    pred = predict_dataset(ckpt.models, graphs, t, 0, local_radius=ckpt.local_radius)
+    pred = predict_dataset(
+        ckpt.models, graphs, t, 0, local_radius=ckpt.local_radius, latent=ckpt.latent
+    )
     ref = [g.forces_ref.double().numpy() for g in graphs]
     errors = np.concatenate([f - r for f, r in zip(pred.forces, ref)])
     factors = np.concatenate(

@@ -31,6 +31,7 @@ from mlforce.errors import ConfigError, StructureError
 from mlforce.evaluate import evaluate_graphs, predict_graphs
 from mlforce.forces import compute_forces
 from mlforce.graph import batch_graphs, reference_labels
+from mlforce.latent import LatentReference, atom_features
 from mlforce.model import ForceField
 from mlforce.nn.dropout import DropoutKeys
 from mlforce.uncertainty import calibrate
@@ -50,6 +51,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[list[dict[str, float]]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    latent: LatentReference | None = None  # training atoms' features (uncertainty.latent_atoms)
 
 
 def _dtype(config: Config) -> torch.dtype:
@@ -308,11 +310,27 @@ def train_models(
     )
     calibration: dict[str, Any] = {"method": "none"}
     u = config.uncertainty
+    latent = None
+    if u.latent_atoms and len(members) == 1 and members[0].has_dropout:
+        latent = LatentReference.build(
+            atom_features(members[0], [g.to(device) for g in train_graphs]),
+            [g.numbers.cpu().numpy() for g in train_graphs],
+            max_per_element=u.latent_atoms,
+            seed=t.seed,
+        )
+        log(
+            f"latent reference: {latent.n_points} training atoms' features "
+            f"(at most {u.latent_atoms} per element); σ = sqrt(σ_MC · latent distance)"
+        )
     if len(members) > 1 or members[0].has_dropout:
         val_device = [g.to(device) for g in val_graphs]
-        calibration = calibrate(members, val_device, u.mc_samples, u.seed, u.calibration)
+        calibration = calibrate(
+            members, val_device, u.mc_samples, u.seed, u.calibration, latent=latent
+        )
         if len(members) == 1:
             calibration["mc_samples"] = u.mc_samples  # the T the scale was fitted with
+        if latent is not None:
+            calibration["latent_atoms"] = latent.n_points
         if u.local_radius:
             if u.local_radius > members[0].cutoff:
                 raise ConfigError(
@@ -321,7 +339,7 @@ def train_models(
                 )
             calibration["local_radius"] = u.local_radius  # σ of the worst neighbourhood
         log(f"uncertainty calibration on {len(val_graphs)} validation frames: {calibration}")
-    return TrainResult(members, metrics, histories, calibration)
+    return TrainResult(members, metrics, histories, calibration, latent)
 
 
 def _merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:

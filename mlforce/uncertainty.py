@@ -31,6 +31,7 @@ from torch import Tensor
 from mlforce import keys
 from mlforce.forces import compute_forces
 from mlforce.graph import replicate
+from mlforce.latent import LatentReference
 from mlforce.model import ForceField, _batch_vector, _num_graphs
 from mlforce.nn.dropout import DropoutKeys, MaskCache
 
@@ -48,6 +49,9 @@ class Prediction:
     batch: Tensor  # (n,) graph of each atom
     stress: Tensor | None = None  # (B, 3, 3) eV/Å^3
     pairs: Tensor | None = None  # (2, P) atom pairs within local_radius (None: no averaging)
+    # (n,) multiplies each atom's sample stds: sqrt(d / σ) makes them sqrt(σ · d), σ combined
+    # with the latent distance d (mlforce.latent); None: the MC spread alone
+    atom_factor: Tensor | None = None
 
     @property
     def n_samples(self) -> int:
@@ -67,7 +71,8 @@ class Prediction:
 
     @property
     def forces_std_xyz(self) -> Tensor:
-        return self.forces_samples.std(0, unbiased=False)
+        std = self.forces_samples.std(0, unbiased=False)
+        return std if self.atom_factor is None else std * self.atom_factor.unsqueeze(1)
 
     @property
     def forces_std(self) -> Tensor:
@@ -123,12 +128,15 @@ def mc_predict(
     compute_stress: bool = False,
     max_edges: int | None = None,
     local_radius: float | None = None,
+    latent: LatentReference | None = None,
 ) -> Prediction:
     """Deterministic prediction and ``n_samples`` MC-dropout samples, batched.
 
     The T + 1 copies (copy 0 with dropout off) are evaluated as disjoint graphs, as many per
     forward + backward pass as fit in ``max_edges`` (default :func:`default_max_edges`).
     ``local_radius`` (Å): ``max_force_std`` of the worst neighbourhood (:func:`local_mean`).
+    ``latent``: the training atoms' features; σ becomes per atom the geometric mean of the MC
+    spread and the latent distance (one more forward pass, no gradients).
     """
     if n_samples < 2:
         raise ValueError(f"MC uncertainty needs at least 2 samples, got {n_samples}")
@@ -167,9 +175,13 @@ def mc_predict(
     energy = torch.cat(energies)
     force = torch.cat(forces)
     stress = torch.cat(stresses)[0] if compute_stress else None
+    factor = None
+    if latent is not None:
+        spread = torch.linalg.norm(force[1:].std(0, unbiased=False), dim=1)
+        factor = latent.sigma_factor(model, graph, spread)
     return Prediction(
         energy[0], force[0], energy[1:], force[1:], batch, stress,
-        local_pairs(graph, local_radius),
+        local_pairs(graph, local_radius), factor,
     )  # fmt: skip
 
 
@@ -313,11 +325,13 @@ def predict_dataset(
     seed: int = 0,
     batch_size: int = 8,
     local_radius: float | None = None,
+    latent: LatentReference | None = None,
 ) -> DatasetPrediction:
     """MC-dropout (one model) or committee (several) predictions for many graphs.
 
     ``local_radius`` (Å): keep each structure's atom pairs within it, so that
-    :meth:`DatasetPrediction.max_force_std` is that of the worst neighbourhood."""
+    :meth:`DatasetPrediction.max_force_std` is that of the worst neighbourhood. ``latent``:
+    σ combined with the latent distance (:func:`mc_predict`; one model only)."""
     import time
 
     from mlforce.graph import batch_graphs
@@ -332,7 +346,9 @@ def predict_dataset(
         if len(models) > 1:
             pred = committee_predict(models, batch, local_radius=local_radius)
         else:
-            pred = mc_predict(models[0], batch, mc_samples, seed, local_radius=local_radius)
+            pred = mc_predict(
+                models[0], batch, mc_samples, seed, local_radius=local_radius, latent=latent
+            )
         counts = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
         cuts = np.cumsum(counts)[:-1]
 
@@ -368,9 +384,11 @@ def calibrate(
     mc_samples: int,
     seed: int,
     method: str = "scale",
+    latent: LatentReference | None = None,
 ) -> dict[str, Any]:
-    """Fit the calibration of the deterministic prediction's errors on labelled ``graphs``."""
-    pred = predict_dataset(models, graphs, mc_samples, seed)
+    """Fit the calibration of the deterministic prediction's errors on labelled ``graphs``
+    (of σ combined with the latent distance when ``latent`` is given)."""
+    pred = predict_dataset(models, graphs, mc_samples, seed, latent=latent)
     errors = np.concatenate(
         [f - g.forces_ref.cpu().double().numpy() for f, g in zip(pred.forces, graphs)]
     )

@@ -76,3 +76,63 @@ def test_subsampling_is_seeded_and_the_dict_roundtrip_keeps_distances(model):
         assert np.array_equal(a.distance(f, atoms.numbers), again.distance(f, atoms.numbers))
     with pytest.raises(ValueError, match="feature rows"):
         LatentReference.build(features, numbers[:-1])
+
+
+def test_sigma_combined_with_the_latent_distance_from_training_to_calculator(tmp_path, xtb_frames):
+    """uncertainty.latent_atoms: the checkpoint keeps the training atoms' features and every
+    σ it reports is sqrt(σ_MC · d) per atom (then calibrated), in the calculator and evaluate."""
+    from ase.io import write
+
+    from mlforce.calculators.ml import MLForceCalculator
+    from mlforce.checkpoint import load_checkpoint, save_checkpoint
+    from mlforce.cli import run_evaluation
+    from mlforce.config import Config
+    from mlforce.graph import atoms_to_graph
+    from mlforce.train import train_models
+
+    config = Config.model_validate(
+        {
+            "device": "cpu",
+            "model": {"features": 16, "blocks": 2, "radial_basis": 8, "cutoff": 4.5},
+            "training": {"max_epochs": 3, "max_minutes": None, "batch_size": 8, "seed": 0},
+            "uncertainty": {"mc_samples": 4, "latent_atoms": 40},
+        }
+    )
+    train, val = xtb_frames[:60], xtb_frames[100:]
+    result = train_models(train, val, config, log=lambda m: None)
+    assert result.latent is not None
+    assert {z: len(p) for z, p in result.latent.points.items()} == {1: 40, 6: 40, 8: 40}
+    assert result.calibration["latent_atoms"] == 120
+    path = save_checkpoint(
+        tmp_path / "model.pt", result.models, result.calibration, latent=result.latent
+    )
+    ckpt = load_checkpoint(path)
+    assert ckpt.latent is not None and ckpt.latent.n_points == 120
+
+    atoms = xtb_frames[110].copy()
+    combined = MLForceCalculator(path, calibrated=False).predict([atoms])[0]
+    alone = load_checkpoint(path)
+    alone.latent = None  # the same model, MC σ alone
+    sigma = MLForceCalculator(alone, calibrated=False).predict([atoms])[0]["forces_std"]
+    graph = atoms_to_graph(atoms, ckpt.species, ckpt.cutoff, torch.float32)
+    d = ckpt.latent.distance(atom_features(ckpt.model, [graph])[0], atoms.numbers)
+    assert np.all(d > 0) and not np.allclose(sigma, np.sqrt(sigma * d))
+    np.testing.assert_allclose(combined["forces_std"], np.sqrt(sigma * d), rtol=1e-5)
+    calibrated = MLForceCalculator(path).predict([atoms])[0]
+    scale = result.calibration["scale"]
+    np.testing.assert_allclose(calibrated["forces_std"], scale * combined["forces_std"], rtol=1e-6)
+
+    data = tmp_path / "val.extxyz"
+    write(data, val[:10], format="extxyz")
+    metrics = run_evaluation(str(path), str(data), "auto")
+    assert "latent distance (120 training atoms)" in metrics["uncertainty"]
+    assert {"force_mae", "spearman_max_force", "auroc_top10", "miscalibration_area"} <= set(metrics)
+
+
+def test_large_data_can_switch_the_latent_distance_on_for_production_models():
+    from mlforce.config import Config
+
+    config = Config.model_validate({"model": {"large_data": {"frames": 100, "latent_atoms": 500}}})
+    assert config.uncertainty.latent_atoms is None
+    assert config.for_training_frames(99).uncertainty.latent_atoms is None
+    assert config.for_training_frames(100).uncertainty.latent_atoms == 500

@@ -138,7 +138,7 @@ class MLForceCalculator(Calculator):
         elif self.uncertainty and ckpt.model.has_dropout:  # without dropout σ is exactly 0
             pred = mc_predict(
                 ckpt.model, graph, self.mc_samples, self.seed, periodic,
-                local_radius=self.local_radius,
+                local_radius=self.local_radius, latent=ckpt.latent,
             )  # fmt: skip
         if self.prediction == "sample":
             if periodic:
