@@ -23,10 +23,12 @@ def compute_forces(
     create_graph: bool,
     compute_stress: bool = False,
     dropout: DropoutKeys | None = None,
+    features: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Energies (B,) eV, forces (n, 3) eV/Å and, optionally, stress (B, 3, 3) eV/Å^3.
 
     Stress is only meaningful for periodic graphs; molecules (zero cell) get zeros.
+    ``features``: a list that receives the model's per-atom invariant features (n, F).
     """
     pos = graph.pos.detach().requires_grad_(True)
     inputs = [pos]
@@ -44,7 +46,8 @@ def compute_forces(
         inputs.append(strain)
     else:
         positions = pos
-    energy = model(graph, positions=positions, cell=cell, dropout=dropout)
+    extra = {} if features is None else {"features": features}
+    energy = model(graph, positions=positions, cell=cell, dropout=dropout, **extra)
     grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
     dpos = grads[0] if grads[0] is not None else torch.zeros_like(pos)
     out = {keys.ENERGY: energy, keys.FORCES: -dpos}

@@ -115,14 +115,16 @@ class LatentReference:
         """Training atoms in the index, all elements together."""
         return sum(len(p) for p in self.points.values())
 
-    def sigma_factor(self, model: Any, graph: Any, forces_std: torch.Tensor) -> torch.Tensor:
+    def sigma_factor(
+        self, features: torch.Tensor, numbers: torch.Tensor, forces_std: torch.Tensor
+    ) -> torch.Tensor:
         """Per-atom factor (n,) that turns MC σ (n,) into ``sqrt(σ · d)``, d the latent distance
-        of each atom of the (batched) ``graph`` in the dropout-free ``model``'s features.
+        of atoms with dropout-free features (n, F) and atomic ``numbers`` (n,).
 
         Multiplying the raw component stds by it gives the combined signal, which the usual
         calibration then scales into an expected error (eV/Å)."""
-        features = model.atom_features(graph).detach().cpu().double().numpy()
-        d = self.distance(features, graph.numbers.detach().cpu().numpy())
+        x = features.detach().cpu().double().numpy()
+        d = self.distance(x, numbers.detach().cpu().numpy())
         d = torch.as_tensor(d, dtype=forces_std.dtype, device=forces_std.device)
         return torch.sqrt(d / forces_std.clamp_min(1e-12))
 

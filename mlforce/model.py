@@ -136,6 +136,7 @@ class ForceField(nn.Module):
         positions: Tensor | None = None,
         cell: Tensor | None = None,
         dropout: DropoutKeys | None = None,
+        features: list[Tensor] | None = None,
     ) -> Tensor:
         """Energy per graph (B,) in eV, float64.
 
@@ -143,9 +144,13 @@ class ForceField(nn.Module):
         are gradients with respect to them). ``dropout`` switches dropout on with the given
         keys; ``None`` gives the deterministic model whatever ``self.training`` says. With keys,
         ``self.training`` picks only *where* dropout acts: the trained blocks in train mode,
-        the last ``mc_dropout_blocks`` of them in eval mode (MC sampling).
+        the last ``mc_dropout_blocks`` of them in eval mode (MC sampling). ``features``: a list
+        that receives the invariant features after the last block (n, F), detached (for the
+        dropout-off atoms, :meth:`atom_features` without a second pass).
         """
         s, ctx = self._scalar_features(graph, positions, cell, dropout)
+        if features is not None:
+            features.append(s.detach())
         species = graph.species
         atomic = self.readout(s, ctx, self.config.readout_dropout, READOUT_SITE)
         atomic = atomic * self.atomic_scale[species].to(atomic.dtype)

@@ -151,6 +151,7 @@ def mc_predict(
     limit = max_edges or default_max_edges(device)
     per_pass = max(1, min(copies, limit // max(1, graph.edge_index.shape[1])))
     energies, forces, stresses = [], [], []
+    features: list[Tensor] = []  # copy 0's features (dropout off) for the latent distance
     batch = _batch_vector(graph)
     for first in range(0, copies, per_pass):
         count = min(per_pass, copies - first)
@@ -167,6 +168,7 @@ def mc_predict(
             create_graph=False,
             compute_stress=compute_stress,
             dropout=DropoutKeys(graph_keys[sl], active[sl], masks),
+            features=features if latent is not None and first == 0 else None,
         )
         energies.append(out[keys.ENERGY].reshape(count, n_graphs))
         forces.append(out[keys.FORCES].reshape(count, n, 3))
@@ -178,7 +180,7 @@ def mc_predict(
     factor = None
     if latent is not None:
         spread = torch.linalg.norm(force[1:].std(0, unbiased=False), dim=1)
-        factor = latent.sigma_factor(model, graph, spread)
+        factor = latent.sigma_factor(features[0][:n], graph.numbers, spread)
     return Prediction(
         energy[0], force[0], energy[1:], force[1:], batch, stress,
         local_pairs(graph, local_radius), factor,
