@@ -15,7 +15,12 @@ Definitions (std over samples, ``ddof = 0`` as ``numpy.std``):
 * ``energy_std`` (B,): std of the total energy, eV.
 
 Raw values come from the samples; :func:`apply_calibration` multiplies stds by the scale fitted
-on validation data (:func:`fit_calibration`), which turns them into expected errors.
+on validation data (:func:`fit_calibration`), which turns them into expected errors. With a
+``latent`` reference (:class:`mlforce.latent.LatentReference`, stored in production
+checkpoints) each atom's stds are first multiplied by ``sqrt(d / σ)``, so that its σ is the
+geometric mean ``sqrt(σ · d)`` of the MC spread and its latent distance d to the training
+atoms (docs/benchmarks.md 27); everything downstream (calibration, neighbourhoods, maxima) is
+unchanged.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ One ``calculate()`` fills every property in ``implemented_properties``:
 * ``energy_std`` (eV), ``forces_std`` (n,) eV/Å per atom (norm of the 3-component std over
   samples), ``max_force_std`` (eV/Å, max over atoms, or over neighbourhoods when the
   checkpoint has a ``local_radius``): **calibrated** with the checkpoint's
-  calibration (an expected error) unless ``calibrated=False``;
+  calibration (an expected error) unless ``calibrated=False``; for a checkpoint that stores
+  its training atoms' features (``uncertainty.latent_atoms``), per atom ``sqrt(σ_MC · d)`` with
+  d the latent distance (:mod:`mlforce.latent`) before calibration;
 * ``max_force_std_raw`` (eV/Å), ``energy_samples`` (T,) eV and ``forces_samples`` (T, n, 3)
   eV/Å: the raw MC (or committee) samples behind the statistics.
 
