@@ -136,3 +136,18 @@ def test_large_data_can_switch_the_latent_distance_on_for_production_models():
     assert config.uncertainty.latent_atoms is None
     assert config.for_training_frames(99).uncertainty.latent_atoms is None
     assert config.for_training_frames(100).uncertainty.latent_atoms == 500
+
+
+def test_a_damaged_latent_entry_is_a_clear_checkpoint_error(tmp_path, model):
+    from mlforce.checkpoint import load_checkpoint, save_checkpoint
+    from mlforce.errors import CheckpointError
+
+    train = _frames(4, 0.05, seed=0)
+    reference = LatentReference.build(_features(model, train), [a.numbers for a in train])
+    path = save_checkpoint(tmp_path / "model.pt", model, latent=reference)
+    assert load_checkpoint(path).latent.n_points == reference.n_points
+    payload = torch.load(path, weights_only=True)
+    del payload["latent"]["points"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="damaged or incompatible"):
+        load_checkpoint(path)
