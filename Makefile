@@ -55,7 +55,8 @@ water: $(STAMP)
 bench-setup: $(STAMP)
 	$(PY) -m pip install -q mace-torch==0.3.16
 
-# The quick benchmarks (a few minutes); see docs/benchmarks.md for the long ones.
+# The quick benchmarks (a few minutes, after ~20 min to train runs/bench/mc once); see
+# docs/benchmarks.md for the long ones.
 bench: $(STAMP)
 	@test -f datasets/ethanol_train.extxyz || $(VENV)/bin/mlforce generate $(CONFIG) --out datasets
 	@test -f runs/bench/mc/model.pt || $(VENV)/bin/mlforce train $(CONFIG) --out runs/bench/mc
