@@ -155,8 +155,9 @@ def run_evaluation(
     metrics = uncertainty_metrics(pred, graphs, ckpt.calibration)
     metrics["local_radius"] = radius or None
     metrics["uncertainty"] = "committee" if ckpt.is_ensemble else f"mc_dropout T={mc_samples}"
-    if ckpt.latent is not None and not ckpt.is_ensemble:
-        metrics["uncertainty"] += f" x latent distance ({ckpt.latent.n_points} training atoms)"
+    # σ combined with the latent distance to this many training atoms (None: σ_MC alone)
+    latent = ckpt.latent is not None and not ckpt.is_ensemble
+    metrics["latent_atoms"] = ckpt.latent.n_points if latent else None
     return metrics
 
 
@@ -172,7 +173,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"force MAE            {metrics['force_mae']:.4f} eV/Å")
     print(f"force RMSE           {metrics['force_rmse']:.4f} eV/Å")
     if "spearman_max_force" in metrics:
-        print(f"uncertainty          {metrics['uncertainty']} ({metrics['calibration']})")
+        latent = metrics.get("latent_atoms")
+        combined = f" x latent distance ({latent} training atoms)" if latent else ""
+        print(f"uncertainty          {metrics['uncertainty']}{combined} ({metrics['calibration']})")
         print(f"Spearman max force   {metrics['spearman_max_force']:.3f}")
         print(f"AUROC top 10%        {metrics['auroc_top10']:.3f}")
         print(f"miscalibration area  {metrics['miscalibration_area']:.3f}")

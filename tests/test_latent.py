@@ -125,7 +125,7 @@ def test_sigma_combined_with_the_latent_distance_from_training_to_calculator(tmp
     data = tmp_path / "val.extxyz"
     write(data, val[:10], format="extxyz")
     metrics = run_evaluation(str(path), str(data), "auto")
-    assert "latent distance (120 training atoms)" in metrics["uncertainty"]
+    assert metrics["uncertainty"] == "mc_dropout T=4" and metrics["latent_atoms"] == 120
     assert {"force_mae", "spearman_max_force", "auroc_top10", "miscalibration_area"} <= set(metrics)
 
 
