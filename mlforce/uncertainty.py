@@ -16,11 +16,11 @@ Definitions (std over samples, ``ddof = 0`` as ``numpy.std``):
 
 Raw values come from the samples; :func:`apply_calibration` multiplies stds by the scale fitted
 on validation data (:func:`fit_calibration`), which turns them into expected errors. With a
-``latent`` reference (:class:`mlforce.latent.LatentReference`, stored in production
-checkpoints) each atom's stds are first multiplied by ``sqrt(d / σ)``, so that its σ is the
-geometric mean ``sqrt(σ · d)`` of the MC spread and its latent distance d to the training
-atoms (docs/benchmarks.md 27); everything downstream (calibration, neighbourhoods, maxima) is
-unchanged.
+``latent`` reference (:class:`mlforce.latent.LatentReference`, stored in checkpoints trained
+with ``uncertainty.latent_atoms``) each atom's stds are first multiplied by ``sqrt(d / σ)``,
+so that its σ is the geometric mean ``sqrt(σ · d)`` of the MC spread and its latent distance
+d to the training atoms (docs/benchmarks.md 27); everything downstream (calibration,
+neighbourhoods, maxima) is unchanged.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def mc_predict(
     forward + backward pass as fit in ``max_edges`` (default :func:`default_max_edges`).
     ``local_radius`` (Å): ``max_force_std`` of the worst neighbourhood (:func:`local_mean`).
     ``latent``: the training atoms' features; σ becomes per atom the geometric mean of the MC
-    spread and the latent distance (one more forward pass, no gradients).
+    spread and the latent distance (from copy 0's features in the same pass: no extra forward).
     """
     if n_samples < 2:
         raise ValueError(f"MC uncertainty needs at least 2 samples, got {n_samples}")
