@@ -22,7 +22,9 @@ Prints one JSON object: per strategy and test set, each seed's learning curve (l
 model was trained on -> test force MAE, eV/Å), labels to reach ``--target`` (linear
 interpolation between rounds, None if not reached), the area under the learning curve (mean
 log10 MAE over the label range all runs share), the MAE at that shared label count, and the
-reference calls of each campaign. Campaigns resume if their run directory exists. Progress goes
+reference calls of each campaign. Campaigns resume if their run directory exists; a test set
+added after they ran (e.g. a second independent trajectory, with ``--collect``) is scored from
+their round checkpoints. Progress goes
 to stderr. ``--plot PNG`` draws the mean curves with their spread.
 """
 
@@ -102,21 +104,34 @@ def run_campaign(job: dict) -> dict:
     return {"name": job["name"], "returncode": proc.returncode, "seconds": seconds}
 
 
-def campaign_curve(run_dir: Path, stems: dict[str, str]) -> dict:
-    """Learning curve over a campaign's finished rounds: round k's model saw rounds < k."""
+def campaign_curve(run_dir: Path, tests: dict[str, str]) -> dict:
+    """Learning curve over a campaign's finished rounds: round k's model saw rounds < k.
+
+    A test file the campaign was not given (``active_learning.test_files``) is scored here from
+    the round checkpoints, once (cached in ``RUN_DIR/extra_scores.json``)."""
     from mlforce.store import LabelStore
 
     state = json.loads((run_dir / "state.json").read_text())
+    checkpoints = [run_dir / f"round_{r['round']:03d}" / "model.pt" for r in state["rounds"]]
     points = [(r["labels_total"] - r["labels_added"], r.get("test_force_mae") or {})
               for r in state["rounds"]]  # fmt: skip
     if "labels_total" in state:  # finished: the final model on every label
         points.append((state["labels_total"], state.get("final_test_force_mae") or {}))
+        checkpoints.append(run_dir / Path(state["final_checkpoint"]).parent.name / "model.pt")
+    given = {str(Path(f).resolve()) for f in campaign_test_files(run_dir)}
+    curve = {}
+    for name, file in tests.items():
+        if str(Path(file).resolve()) in given:
+            stem = Path(file).stem
+            curve[name] = [(n, s[stem]) for n, s in points if stem in s]
+        else:
+            cache = run_dir / "extra_scores.json"
+            curve[name] = [(n, extra_score(c, file, cache))
+                           for (n, _), c in zip(points, checkpoints, strict=True)]  # fmt: skip
     rows = LabelStore(run_dir / "labels.db").rows()
     seed_rows = sum(r.get("trigger") == "seed" for r in rows)
     return {
-        "curve": {
-            name: [(n, s[stem]) for n, s in points if stem in s] for name, stem in stems.items()
-        },
+        "curve": curve,
         "reference_calls": len(rows) - seed_rows,  # labels the campaign paid for (ok + failed)
         "seed_labels": seed_rows,
         "labels_by_trigger": _count(r.get("trigger") for r in rows),
@@ -125,6 +140,26 @@ def campaign_curve(run_dir: Path, stems: dict[str, str]) -> dict:
         "triggers_per_ps": [r["triggers_per_ps"] for r in state["rounds"]],
         "simulated_fs": 1000 * sum(r["simulated_ps"] for r in state["rounds"]),
     }
+
+
+def campaign_test_files(run_dir: Path) -> list[str]:
+    """The test files a campaign scored its round models on (its config's)."""
+    from mlforce.config import load_config
+
+    return list(load_config(run_dir / "config.yaml").active_learning.test_files or [])
+
+
+def extra_score(checkpoint: Path, file: str, cache: Path) -> float:
+    """Deterministic force MAE (eV/Å) of ``checkpoint`` on ``file``, cached by both paths."""
+    from mlforce.campaign import test_errors
+
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = f"{checkpoint.resolve()} :: {Path(file).resolve()}"
+    if key not in done:
+        done[key] = test_errors(str(checkpoint), [file])[Path(file).stem]
+        log(f"scored {checkpoint} on {file}: {done[key]:.4f} eV/Å")
+        cache.write_text(json.dumps(done, indent=1))
+    return done[key]
 
 
 def _count(items) -> dict[str, int]:
@@ -153,7 +188,16 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
     if cached.is_file():  # a finished pool curve of this campaign (delete it to redo)
         done = json.loads(cached.read_text())
         if done.get("campaign_labels") == state["labels_total"]:
-            return done["result"]
+            result = done["result"]
+            counts = [n for n, _ in next(iter(result["curve"].values()))]
+            for name, file in tests.items():  # a test set added since: score the checkpoints
+                if name not in result["curve"]:
+                    result["curve"][name] = [
+                        (n, extra_score(work / f"round_{k:03d}" / "model.pt", file,
+                                        work / "extra_scores.json"))
+                        for k, n in enumerate(counts, start=1)
+                    ]  # fmt: skip
+            return result
     gen = config.data.generate.model_copy(update={"interval": 20, "equilibration_steps": 200})
     total_fs = 1000 * sum(r["simulated_ps"] for r in state["rounds"])
     temps = config.md.temperatures
@@ -376,7 +420,6 @@ def main() -> None:
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
             outcomes = list(pool.map(run_campaign, jobs))
-    stems = {name: Path(f).stem for name, f in tests.items()}
     result: dict = {"config": args.config, "tests": list(tests), "seeds": args.seeds,
                     "target_force_mae": args.target, "strategies": {}}  # fmt: skip
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -385,7 +428,7 @@ def main() -> None:
             entry["runs"].append({"seed": job["seed"], "failed": outcome})
             continue
         entry["runs"].append({"seed": job["seed"], "seconds": outcome["seconds"],
-                              **campaign_curve(job["run_dir"], stems)})  # fmt: skip
+                              **campaign_curve(job["run_dir"], tests)})  # fmt: skip
     if not args.no_pool:
         base = next(iter(strategies))
         entry = {"runs": []}
