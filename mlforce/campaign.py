@@ -394,12 +394,17 @@ def walker_start(run: RunDir, round_: int, spec: dict[str, Any]) -> Atoms:
     round (seed labels included) with the same composition, drawn with a generator seeded by
     ``md.seed``, the round and the walker (labels in structure-hash order, so the draw does not
     depend on the order parallel workers wrote them); the start structure when there is none.
+    ``continue``: the last frame of the same walker's trajectory in round ``round_ - 1`` that
+    no guard or rollback rejected (positions only: the walker draws new velocities at its
+    temperature); the start structure in round 1 or when there is none.
     """
     from mlforce.md import load_start_structure
     from mlforce.store import LabelStore
 
     config = run.config()
     atoms = load_start_structure(spec["structure"])
+    if config.md.start == "continue":
+        return _walker_end(run, round_ - 1, spec["walker"], atoms)
     if config.md.start == "structure" or not run.ledger.exists():
         return atoms
     formula = atoms.get_chemical_formula()
@@ -413,6 +418,20 @@ def walker_start(run: RunDir, round_: int, spec: dict[str, Any]) -> Atoms:
     rng = np.random.default_rng([config.md.seed, round_, spec["walker"]])
     chosen = frames[int(rng.integers(len(frames)))]
     return Atoms(chosen.numbers, positions=chosen.positions, cell=chosen.cell, pbc=chosen.pbc)
+
+
+def _walker_end(run: RunDir, round_: int, walker: int, start: Atoms) -> Atoms:
+    """Where walker ``walker`` of round ``round_`` ended: its trajectory's last frame that no
+    guard or rollback rejected, with ``start``'s composition; ``start`` itself when none is."""
+    path = run.round_dir(round_) / f"walker_{walker}.extxyz" if round_ >= 1 else None
+    if path is None or not path.is_file():
+        return start
+    for frame in reversed(read(path, ":")):
+        decision = str(frame.info.get("decision", ""))
+        rejected = decision.startswith("guard") or decision == "rollback"
+        if not rejected and np.array_equal(frame.numbers, start.numbers):
+            return Atoms(frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+    return start
 
 
 def use_lockstep(config: Config) -> bool:

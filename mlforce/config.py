@@ -319,11 +319,13 @@ class MDConfig(Strict):
     replicas: int = Field(
         1, ge=1, description="walkers per structure and temperature in each campaign round"
     )
-    start: Literal["structure", "labelled"] = Field(
+    start: Literal["structure", "labelled", "continue"] = Field(
         "structure", description="where a campaign round's walkers start: structure: the start "
         "structure; labelled: a frame of the same composition drawn at random from the labels "
         "of earlier rounds (seed labels included), so that short walkers spread over what the "
-        "campaign has already reached",
+        "campaign has already reached; continue: where the same walker's trajectory of the "
+        "previous round ended (its last frame that no guard or rollback rejected), so that the "
+        "rounds together make one long trajectory per walker, as a reference MD pool is",
     )  # fmt: skip
     timestep_fs: float = Field(0.5, gt=0)
     thermostat: Literal["langevin", "nve", "berendsen"] = "langevin"

@@ -152,3 +152,53 @@ def test_walkers_start_from_earlier_labels_when_asked(tiny_campaign, tmp_path):
     np.testing.assert_array_equal(
         plain.positions, load_start_structure(specs[0]["structure"]).positions
     )
+
+
+def test_walkers_continue_where_they_ended_when_asked(tiny_campaign, tmp_path):
+    """md.start: continue starts each walker of round k on its own last accepted frame of
+    round k - 1 (guard and rollback frames skipped); round 1 on the start structure."""
+    import shutil
+
+    import numpy as np
+    import yaml
+    from ase.io import read, write
+
+    from mlforce import campaign
+    from mlforce.md import load_start_structure
+
+    src, _ = tiny_campaign
+    root = tmp_path / "continue"
+    shutil.copytree(src, root)
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["md"].update(start="continue")
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = campaign.RunDir(root)
+    specs = campaign.walker_specs(run.config())
+    first = campaign.walker_start(run, 1, specs[0])
+    np.testing.assert_array_equal(
+        first.positions, load_start_structure(specs[0]["structure"]).positions
+    )
+
+    def accepted(frame):
+        decision = str(frame.info.get("decision", ""))
+        return not decision.startswith("guard") and decision != "rollback"
+
+    for spec in specs:
+        traj = read(run.round_dir(1) / f"walker_{spec['walker']}.extxyz", ":")
+        start = campaign.walker_start(run, 2, spec)
+        assert start.calc is None and not start.info
+        last = [f for f in traj if accepted(f)][-1]
+        assert last.info["md_step"] > 0  # not the start structure again
+        np.testing.assert_array_equal(start.positions, last.positions)
+    # a later frame rejected by a guard is skipped: the accepted one before it is taken
+    path = run.round_dir(1) / f"walker_{specs[0]['walker']}.extxyz"
+    traj = read(path, ":")
+    good = traj[-1].copy()
+    good.positions += 0.01
+    good.info.update(decision="trust", md_step=traj[-1].info["md_step"] + 1)
+    bad = traj[-1].copy()
+    bad.positions += 5.0
+    bad.info.update(decision="guard:bonds", md_step=traj[-1].info["md_step"] + 2)
+    write(path, [*traj, good, bad], format="extxyz")
+    start = campaign.walker_start(run, 2, specs[0])
+    np.testing.assert_allclose(start.positions, good.positions, atol=1e-7)  # extxyz digits
