@@ -451,9 +451,11 @@ def _walker_setup(run: RunDir, round_: int) -> tuple[Config, Any, Any, str]:
     md = config.md.model_copy(deep=True)
     md.triggers.mode = "collect"
     u = config.uncertainty
+    bias = config.md.bias
     calc = MLForceCalculator(
         run.checkpoint(round_), device=config.device, mc_samples=u.mc_samples, seed=u.seed,
-        prediction=u.prediction,
+        prediction=u.prediction, bias_strength=bias.strength if bias else 0.0,
+        bias_width=bias.width if bias else 1.0,
     )  # fmt: skip
     return config, md, calc, "m-" + checkpoint_hash(run.checkpoint(round_))
 

@@ -310,6 +310,15 @@ class GuardConfig(Strict):
     )
 
 
+class BiasConfig(Strict):
+    """Uncertainty-driven dynamics for campaign walkers: a bounded bias toward environments far
+    from the training atoms in the model's features (:mod:`mlforce.bias`); needs
+    ``uncertainty.latent_atoms``."""
+
+    strength: float = Field(gt=0, description="A: the most the bias lowers the energy (eV)")
+    width: float = Field(1.5, gt=0, description="B: latent distance scale (RMS over atoms)")
+
+
 class MDConfig(Strict):
     """Uncertainty-driven molecular dynamics (``replicas`` walkers per structure x temperature)."""
 
@@ -339,6 +348,10 @@ class MDConfig(Strict):
     )  # fmt: skip
     triggers: TriggerConfig = Field(default_factory=TriggerConfig)
     guards: GuardConfig = Field(default_factory=GuardConfig)
+    bias: BiasConfig | None = Field(
+        None, description="campaign walkers: a latent-space bias toward new environments "
+        "(null: plain MD)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _positive_temperatures(self) -> MDConfig:
@@ -451,6 +464,17 @@ class Config(Strict):
     md: MDConfig = Field(default_factory=MDConfig)
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _bias_needs_latent(self) -> Config:
+        if self.md.bias is not None and (
+            self.uncertainty.latent_atoms is None or self.training.ensemble > 1
+        ):
+            raise ValueError(
+                "md.bias needs the training atoms' features of one model: set "
+                "uncertainty.latent_atoms and training.ensemble: 1"
+            )
+        return self
 
     def for_training_frames(self, n_frames: int) -> Config:
         """This config as a single model trained from scratch on ``n_frames`` frames uses it:

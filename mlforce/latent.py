@@ -89,6 +89,20 @@ class LatentReference:
                 out[mask] = tree.query(x[mask], k=1)[0]
         return out
 
+    def nearest(self, x: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For standardised features ``x`` (n, F): the nearest training atom of the same
+        element (n, F) and whether the element has training atoms at all (n,) bool."""
+        numbers = np.asarray(numbers)
+        target = np.zeros(np.shape(x))
+        known = np.zeros(len(numbers), dtype=bool)
+        for element in np.unique(numbers):
+            tree = self._trees.get(int(element))
+            if tree is not None:
+                mask = numbers == element
+                target[mask] = self.points[int(element)][tree.query(x[mask], k=1)[1]]
+                known[mask] = True
+        return target, known
+
     def to_dict(self) -> dict[str, Any]:
         """Plain tensors for a checkpoint (loads with ``torch.load(weights_only=True)``):
         float64 standardisation, float32 points."""

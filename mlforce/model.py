@@ -160,12 +160,16 @@ class ForceField(nn.Module):
         energy = torch.zeros(_num_graphs(graph), dtype=torch.float64, device=atomic.device)
         return energy.index_add(0, ctx.batch, atomic)
 
-    def atom_features(self, graph: Any) -> Tensor:
+    def atom_features(self, graph: Any, positions: Tensor | None = None) -> Tensor:
         """Invariant scalar features (n, F) of the dropout-free model after the last block.
 
         The model's own learned description of each atom's environment: a descriptor for
-        diversity in selection (:func:`mlforce.selection.structure_descriptors`).
+        diversity in selection (:func:`mlforce.selection.structure_descriptors`). Without
+        ``positions`` no gradient is kept; with ``positions`` (n, 3, requiring grad) the
+        features are differentiable with respect to them (:mod:`mlforce.bias`).
         """
+        if positions is not None:
+            return self._scalar_features(graph, positions, None, None)[0]
         with torch.no_grad():
             s, _ = self._scalar_features(graph, None, None, None)
         return s

@@ -13,6 +13,9 @@ One ``calculate()`` fills every property in ``implemented_properties``:
   calibration (an expected error) unless ``calibrated=False``; for a checkpoint that stores
   its training atoms' features (``uncertainty.latent_atoms``), per atom ``sqrt(σ_MC · d)`` with
   d the latent distance (:mod:`mlforce.latent`) before calibration;
+* with ``bias_strength`` A > 0 (eV; checkpoints with a latent reference): energy and forces
+  include the latent-space bias of :mod:`mlforce.bias` (width ``bias_width``), and
+  ``bias_energy`` (eV) reports it; σ is that of the unbiased model;
 * ``max_force_std_raw`` (eV/Å), ``energy_samples`` (T,) eV and ``forces_samples`` (T, n, 3)
   eV/Å: the raw MC (or committee) samples behind the statistics.
 
@@ -32,6 +35,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from mlforce import keys
+from mlforce.bias import latent_bias
 from mlforce.checkpoint import Checkpoint, load_checkpoint
 from mlforce.device import resolve_device
 from mlforce.errors import ConfigError
@@ -76,6 +80,8 @@ class MLForceCalculator(Calculator):
         calibrated: bool = True,
         sample_index: int = 0,
         local_radius: float | None = None,
+        bias_strength: float = 0.0,
+        bias_width: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -112,6 +118,16 @@ class MLForceCalculator(Calculator):
         self.uncertainty = uncertainty
         self.calibration = self.checkpoint.calibration if calibrated else {"method": "none"}
         self.dtype = next(self.checkpoint.model.parameters()).dtype
+        if bias_strength < 0 or bias_width <= 0:
+            raise ConfigError(
+                f"bias_strength must be >= 0 and bias_width > 0, got {bias_strength}, {bias_width}"
+            )
+        if bias_strength > 0 and self.checkpoint.latent is None:
+            raise ConfigError(
+                "a latent bias needs a checkpoint with its training atoms' features "
+                "(train with uncertainty.latent_atoms)"
+            )
+        self.bias_strength, self.bias_width = float(bias_strength), float(bias_width)
 
     # -- evaluation ----------------------------------------------------------------------
     def _graph(self, atoms_list: Sequence[Atoms]) -> Any:
@@ -155,6 +171,10 @@ class MLForceCalculator(Calculator):
             energy, forces, stress = pred.energy_mean, pred.forces_mean, pred.stress
         else:
             energy, forces, stress = pred.energy, pred.forces, pred.stress
+        bias = None
+        if self.bias_strength > 0:
+            bias = latent_bias(ckpt.model, graph, ckpt.latent, self.bias_strength, self.bias_width)
+            energy, forces = energy + bias[0].to(energy.dtype), forces + bias[1].to(forces.dtype)
         stats = apply_calibration(pred, self.calibration, graph.numbers) if pred else None
         results = []
         offsets = np.cumsum([0] + [len(a) for a in atoms_list])
@@ -165,6 +185,8 @@ class MLForceCalculator(Calculator):
                 "free_energy": float(energy[b]),
                 "forces": forces[lo:hi].cpu().numpy().astype(np.float64),
             }
+            if bias is not None:
+                r["bias_energy"] = float(bias[0][b])
             if stress is not None:
                 s = stress[b].cpu().numpy().astype(np.float64)
                 r["stress"] = np.array([s[i, j] for i, j in _VOIGT])

@@ -1,0 +1,106 @@
+"""The latent-space bias of uncertainty-driven dynamics (mlforce.bias)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from mlforce.bias import latent_bias
+from mlforce.calculators.ml import MLForceCalculator
+from mlforce.checkpoint import save_checkpoint
+from mlforce.config import Config
+from mlforce.data import graphs_from_frames
+from mlforce.errors import ConfigError
+from mlforce.graph import batch_graphs
+from mlforce.latent import LatentReference, atom_features
+from tests.conftest import make_model, random_rotation
+
+
+def _frames(n: int, scale: float, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = molecule("CH3CH2OH")
+        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
+        out.append(atoms)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_model(species=(1, 6, 8), features=16, cutoff=4.0)
+    train = _frames(10, 0.05, seed=0)
+    graphs = graphs_from_frames(train, model.species, 4.0, torch.float64, with_labels=False)
+    reference = LatentReference.build(atom_features(model, graphs), [a.numbers for a in train])
+    return model, reference
+
+
+def _graph(model, frames):
+    return batch_graphs(
+        graphs_from_frames(frames, model.species, 4.0, torch.float64, with_labels=False)
+    )
+
+
+def test_bias_forces_are_minus_its_gradient_and_the_energy_is_bounded(setup):
+    model, reference = setup
+    atoms = _frames(1, 0.15, seed=3)[0]
+    energy, forces = latent_bias(model, _graph(model, [atoms]), reference, 0.3, 1.0)
+    assert -0.3 < float(energy[0]) < 0.0  # off the training data: lowered, by less than A
+    h = 1e-5
+    for i, k in [(0, 0), (2, 1), (8, 2)]:
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[i, k] += h
+        minus.positions[i, k] -= h
+        e_plus = float(latent_bias(model, _graph(model, [plus]), reference, 0.3, 1.0)[0][0])
+        e_minus = float(latent_bias(model, _graph(model, [minus]), reference, 0.3, 1.0)[0][0])
+        numeric = -(e_plus - e_minus) / (2 * h)
+        assert float(forces[i, k]) == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+
+
+def test_bias_is_invariant_and_pulls_away_from_the_training_data(setup):
+    model, reference = setup
+    near, far = _frames(1, 0.05, seed=11)[0], _frames(1, 0.3, seed=12)[0]
+    e = latent_bias(model, _graph(model, [near, far]), reference, 0.3, 1.0)[0]
+    assert float(e[1]) < float(e[0]) <= 0.0  # lower where the environments are new
+    moved = far.copy()
+    moved.positions = moved.positions @ random_rotation(4).T + [0.3, -1.0, 2.0]
+    moved = moved[[1, 0, 2, 5, 4, 3, 8, 7, 6]]  # permuted atoms
+    e_moved = latent_bias(model, _graph(model, [moved]), reference, 0.3, 1.0)[0]
+    assert float(e_moved[0]) == pytest.approx(float(e[1]), rel=1e-9)
+    # a batch gives each structure what it gets alone
+    alone = latent_bias(model, _graph(model, [far]), reference, 0.3, 1.0)[0]
+    assert float(alone[0]) == pytest.approx(float(e[1]), rel=1e-12)
+
+
+def test_the_calculator_adds_the_bias_and_refuses_it_without_a_latent_reference(tmp_path, setup):
+    model, reference = setup
+    plain = save_checkpoint(tmp_path / "plain.pt", model)
+    with_latent = save_checkpoint(tmp_path / "latent.pt", model, latent=reference)
+    atoms = _frames(1, 0.2, seed=5)[0]
+    base = MLForceCalculator(with_latent, uncertainty=False).predict([atoms])[0]
+    calc = MLForceCalculator(with_latent, uncertainty=False, bias_strength=0.2)
+    biased = calc.predict([atoms])[0]
+    graph = _graph(model, [atoms])
+    e_b, f_b = latent_bias(model, graph, reference, 0.2, 1.0)
+    assert biased["energy"] == pytest.approx(base["energy"] + float(e_b[0]), abs=1e-9)
+    assert np.allclose(biased["forces"], base["forces"] + f_b.numpy(), atol=1e-9)
+    assert biased["bias_energy"] == pytest.approx(float(e_b[0]))
+    with pytest.raises(ConfigError, match="latent bias needs"):
+        MLForceCalculator(plain, uncertainty=False, bias_strength=0.2)
+    with pytest.raises(ConfigError, match="bias_strength"):
+        MLForceCalculator(with_latent, uncertainty=False, bias_strength=-1.0)
+
+
+def test_md_bias_in_a_config_needs_the_latent_reference():
+    ok = Config.model_validate(
+        {"uncertainty": {"latent_atoms": 100}, "md": {"bias": {"strength": 0.3}}}
+    )
+    assert ok.md.bias.strength == 0.3 and ok.md.bias.width == 1.5
+    with pytest.raises(ValueError, match=r"md\.bias needs"):
+        Config.model_validate({"md": {"bias": {"strength": 0.3}}})
+    with pytest.raises(ValueError, match=r"unknown|extra"):
+        Config.model_validate(
+            {"uncertainty": {"latent_atoms": 100}, "md": {"bias": {"strength": 0.3, "hight": 1}}}
+        )
