@@ -119,6 +119,19 @@ def trained_checkpoint(tmp_path_factory, xtb_frames):
     return path
 
 
+def distorted_ethanol(n: int, scale: float, seed: int) -> list:
+    """``n`` copies of ASE's ethanol with Gaussian displacements of ``scale`` Å (seeded)."""
+    from ase.build import molecule
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = molecule("CH3CH2OH")
+        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
+        out.append(atoms)
+    return out
+
+
 def random_rotation(seed: int = 0) -> np.ndarray:
     q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase.build import molecule
 
 from mlforce.bias import latent_bias
 from mlforce.calculators.ml import MLForceCalculator
@@ -15,23 +14,13 @@ from mlforce.data import graphs_from_frames
 from mlforce.errors import ConfigError
 from mlforce.graph import batch_graphs
 from mlforce.latent import LatentReference, atom_features
-from tests.conftest import make_model, random_rotation
-
-
-def _frames(n: int, scale: float, seed: int) -> list:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        atoms = molecule("CH3CH2OH")
-        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
-        out.append(atoms)
-    return out
+from tests.conftest import distorted_ethanol, make_model, random_rotation
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = make_model(species=(1, 6, 8), features=16, cutoff=4.0)
-    train = _frames(10, 0.05, seed=0)
+    train = distorted_ethanol(10, 0.05, seed=0)
     graphs = graphs_from_frames(train, model.species, 4.0, torch.float64, with_labels=False)
     reference = LatentReference.build(atom_features(model, graphs), [a.numbers for a in train])
     return model, reference
@@ -45,7 +34,7 @@ def _graph(model, frames):
 
 def test_bias_forces_are_minus_its_gradient_and_the_energy_is_bounded(setup):
     model, reference = setup
-    atoms = _frames(1, 0.15, seed=3)[0]
+    atoms = distorted_ethanol(1, 0.15, seed=3)[0]
     energy, forces = latent_bias(model, _graph(model, [atoms]), reference, 0.3, 1.0)
     assert -0.3 < float(energy[0]) < 0.0  # off the training data: lowered, by less than A
     h = 1e-5
@@ -61,7 +50,7 @@ def test_bias_forces_are_minus_its_gradient_and_the_energy_is_bounded(setup):
 
 def test_bias_is_invariant_and_pulls_away_from_the_training_data(setup):
     model, reference = setup
-    near, far = _frames(1, 0.05, seed=11)[0], _frames(1, 0.3, seed=12)[0]
+    near, far = distorted_ethanol(1, 0.05, seed=11)[0], distorted_ethanol(1, 0.3, seed=12)[0]
     e = latent_bias(model, _graph(model, [near, far]), reference, 0.3, 1.0)[0]
     assert float(e[1]) < float(e[0]) <= 0.0  # lower where the environments are new
     moved = far.copy()
@@ -78,7 +67,7 @@ def test_the_calculator_adds_the_bias_and_refuses_it_without_a_latent_reference(
     model, reference = setup
     plain = save_checkpoint(tmp_path / "plain.pt", model)
     with_latent = save_checkpoint(tmp_path / "latent.pt", model, latent=reference)
-    atoms = _frames(1, 0.2, seed=5)[0]
+    atoms = distorted_ethanol(1, 0.2, seed=5)[0]
     base = MLForceCalculator(with_latent, uncertainty=False).predict([atoms])[0]
     calc = MLForceCalculator(with_latent, uncertainty=False, bias_strength=0.2)
     biased = calc.predict([atoms])[0]

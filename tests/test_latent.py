@@ -5,21 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase.build import molecule
 
 from mlforce.data import graphs_from_frames
 from mlforce.latent import LatentReference, atom_features
-from tests.conftest import make_model, random_rotation
-
-
-def _frames(n: int, scale: float, seed: int) -> list:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        atoms = molecule("CH3CH2OH")
-        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
-        out.append(atoms)
-    return out
+from tests.conftest import distorted_ethanol, make_model, random_rotation
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +22,7 @@ def _features(model, frames):
 
 
 def test_training_atoms_sit_at_zero_and_new_environments_far_away(model):
-    train = _frames(20, 0.05, seed=0)
+    train = distorted_ethanol(20, 0.05, seed=0)
     reference = LatentReference.build(
         _features(model, train), [a.numbers for a in train], max_per_element=None
     )
@@ -45,15 +34,15 @@ def test_training_atoms_sit_at_zero_and_new_environments_far_away(model):
         a.positions = a.positions @ random_rotation(3).T + [1.0, -2.0, 0.5]
     for atoms, f in zip(moved, _features(model, moved)):
         assert reference.distance(f, atoms.numbers).max() < 1e-3
-    near = _frames(5, 0.05, seed=1)  # like the training data
-    far = _frames(5, 0.4, seed=2)  # strongly distorted
+    near = distorted_ethanol(5, 0.05, seed=1)  # like the training data
+    far = distorted_ethanol(5, 0.4, seed=2)  # strongly distorted
     d_near = [reference.distance(f, a.numbers).max() for a, f in zip(near, _features(model, near))]
     d_far = [reference.distance(f, a.numbers).max() for a, f in zip(far, _features(model, far))]
     assert max(d_near) < min(d_far)
 
 
 def test_an_element_never_seen_is_infinitely_far(model):
-    train = _frames(4, 0.05, seed=0)
+    train = distorted_ethanol(4, 0.05, seed=0)
     hydrocarbons = [a[[i for i, z in enumerate(a.numbers) if z != 8]] for a in train]
     reference = LatentReference.build(
         _features(model, hydrocarbons), [a.numbers for a in hydrocarbons]
@@ -64,13 +53,13 @@ def test_an_element_never_seen_is_infinitely_far(model):
 
 
 def test_subsampling_is_seeded_and_the_dict_roundtrip_keeps_distances(model):
-    train = _frames(20, 0.05, seed=0)
+    train = distorted_ethanol(20, 0.05, seed=0)
     features, numbers = _features(model, train), [a.numbers for a in train]
     a = LatentReference.build(features, numbers, max_per_element=15, seed=3)
     b = LatentReference.build(features, numbers, max_per_element=15, seed=3)
     assert {z: len(p) for z, p in a.points.items()} == {1: 15, 6: 15, 8: 15}  # O: 20 atoms
     assert all(np.array_equal(a.points[z], b.points[z]) for z in a.points)
-    probe = _frames(2, 0.2, seed=5)
+    probe = distorted_ethanol(2, 0.2, seed=5)
     again = LatentReference.from_dict(a.to_dict())
     for atoms, f in zip(probe, _features(model, probe)):
         assert np.array_equal(a.distance(f, atoms.numbers), again.distance(f, atoms.numbers))
@@ -142,7 +131,7 @@ def test_a_damaged_latent_entry_is_a_clear_checkpoint_error(tmp_path, model):
     from mlforce.checkpoint import load_checkpoint, save_checkpoint
     from mlforce.errors import CheckpointError
 
-    train = _frames(4, 0.05, seed=0)
+    train = distorted_ethanol(4, 0.05, seed=0)
     reference = LatentReference.build(_features(model, train), [a.numbers for a in train])
     path = save_checkpoint(tmp_path / "model.pt", model, latent=reference)
     assert load_checkpoint(path).latent.n_points == reference.n_points
