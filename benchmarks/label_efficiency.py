@@ -229,7 +229,7 @@ def pool_curve(run_dir: Path, seed_file: Path, tests: dict[str, str], work: Path
         chosen = seeds + [pool[i] for i in order[: max(0, n_labels - len(seeds))]]
         train, val = split_frames(chosen, val_frac)
         val = val or train[-1:]
-        cfg = round_config(config, previous is not None)
+        cfg = round_config(config, previous is not None, k == len(counts))  # the last: final
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models
         path = save_checkpoint(work / f"round_{k:03d}", result.models)

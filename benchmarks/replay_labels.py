@@ -42,7 +42,8 @@ def replay(run_dir: Path, overrides: dict, tests: dict[str, str], work: Path) ->
         train, val = store.split(val_fraction, selection=f"iteration<{k}")
         if not val:
             val, train = train[-1:], train[:-1]
-        cfg = round_config(config, previous is not None)
+        final = k == len(state["rounds"]) + 1
+        cfg = round_config(config, previous is not None, final)
         result = train_models(train, val, cfg, warm_start=previous, log=lambda m: None)
         previous = result.models
         path = save_checkpoint(work / f"round_{k:03d}", result.models)

@@ -204,7 +204,7 @@ def active_learning(
         if note:
             logger.info(f"round {round_}: {note}")
     # the last round's labels came after its model: one more training on every label
-    final_model = train_task(str(run.root), len(rows) + 1)
+    final_model = train_task(str(run.root), len(rows) + 1, final=True)
     final = campaign.finalize(run, rows, reason, final_model)
     state.update(final)
     run.write_state(state)

@@ -36,8 +36,8 @@ def check_task(run_dir: str) -> str | None:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(run_dir: str, round_: int) -> dict[str, Any]:
-    return campaign.train_round(_run(run_dir), round_, log=_log)
+def train_task(run_dir: str, round_: int, final: bool = False) -> dict[str, Any]:
+    return campaign.train_round(_run(run_dir), round_, log=_log, final=final)
 
 
 @task(name="simulate", cache_policy=NO_CACHE, tags=["md"])

@@ -322,20 +322,27 @@ def seed_file(run: RunDir) -> tuple[str, int] | None:
 # --- train ------------------------------------------------------------------------------------
 
 
-def round_config(config: Config, warm: bool) -> Config:
+def round_config(config: Config, warm: bool, final: bool = False) -> Config:
     """The training settings of a round: as configured from scratch (round 1); warm-started
-    rounds train ``active_learning.round_epochs`` epochs without warm-up (when it is set).
+    rounds train ``active_learning.round_epochs`` epochs without warm-up (when it is set), the
+    final model ``active_learning.final_epochs`` (when set; ``final``).
     The benchmarks that replay the schedule use this too, so that it is the same."""
-    if not warm or not config.active_learning.round_epochs:
+    al = config.active_learning
+    epochs = (al.final_epochs if final else None) or al.round_epochs
+    if not warm or not epochs:
         return config
     config = config.model_copy(deep=True)
-    config.training.max_epochs = config.active_learning.round_epochs
+    config.training.max_epochs = epochs
     config.training.warmup_epochs = 0
     return config
 
 
-def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str, Any]:
-    """Train on every ok label of the ledger (warm start after round 1); write the checkpoint."""
+def train_round(
+    run: RunDir, round_: int, log: Logger | None = None, final: bool = False
+) -> dict[str, Any]:
+    """Train on every ok label of the ledger (warm start after round 1); write the checkpoint.
+
+    ``final``: the model the campaign hands over (``active_learning.final_epochs``)."""
     from mlforce.checkpoint import load_checkpoint, save_checkpoint
     from mlforce.store import LabelStore
     from mlforce.train import train_models
@@ -351,7 +358,7 @@ def train_round(run: RunDir, round_: int, log: Logger | None = None) -> dict[str
     warm = None
     if round_ > 1 and run.checkpoint(round_ - 1).is_file():
         warm = load_checkpoint(run.checkpoint(round_ - 1)).models
-    config = round_config(config, warm is not None)
+    config = round_config(config, warm is not None, final)
     result = train_models(train, val, config, warm_start=warm, log=log or (lambda m: None))
     path = save_checkpoint(
         run.checkpoint(round_),

@@ -436,6 +436,10 @@ class ActiveLearningConfig(Strict):
     round_epochs: int | None = Field(
         None, ge=1, description="training epochs after round 1 (warm start); None: training"
     )
+    final_epochs: int | None = Field(
+        None, ge=1, description="warm-started epochs of the final model on every label (the "
+        "one the campaign hands over); None: as a round",
+    )  # fmt: skip
     test_files: list[str] = Field(
         default_factory=list, description="labelled extxyz files the final model is scored on"
     )

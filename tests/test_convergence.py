@@ -79,3 +79,22 @@ def test_check_frames_are_reference_labelled_never_trained_on_and_scored(tiny_ca
     for row in state["rounds"]:  # every round's model scored on them
         expected = campaign.test_errors(row["checkpoint"], [str(run.root / CHECK_FILE)])
         assert row["check_force_mae"] == next(iter(expected.values())) > 0
+
+
+def test_the_final_model_gets_its_own_epochs():
+    """active_learning.final_epochs: the model a campaign hands over trains longer than a
+    round; rounds and an unset final_epochs keep round_epochs."""
+    from mlforce.campaign import round_config
+    from mlforce.config import Config
+
+    config = Config.model_validate(
+        {"training": {"max_epochs": 200}, "active_learning": {"round_epochs": 150}}
+    )
+    assert round_config(config, warm=False).training.max_epochs == 200
+    assert round_config(config, warm=True).training.max_epochs == 150
+    assert round_config(config, warm=True, final=True).training.max_epochs == 150
+    config.active_learning.final_epochs = 300
+    assert round_config(config, warm=True).training.max_epochs == 150
+    assert round_config(config, warm=True, final=True).training.max_epochs == 300
+    shipped = load_config(ROOT / "configs" / "ethanol_xtb.yaml").active_learning
+    assert shipped.final_epochs > shipped.round_epochs
