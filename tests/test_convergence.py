@@ -96,5 +96,3 @@ def test_the_final_model_gets_its_own_epochs():
     config.active_learning.final_epochs = 300
     assert round_config(config, warm=True).training.max_epochs == 150
     assert round_config(config, warm=True, final=True).training.max_epochs == 300
-    shipped = load_config(ROOT / "configs" / "ethanol_xtb.yaml").active_learning
-    assert shipped.final_epochs > shipped.round_epochs
