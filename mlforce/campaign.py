@@ -458,7 +458,7 @@ def _walker_setup(run: RunDir, round_: int) -> tuple[Config, Any, Any, str]:
     md = config.md.model_copy(deep=True)
     md.triggers.mode = "collect"
     u = config.uncertainty
-    bias = config.md.bias
+    bias = config.md.bias if config.md.bias and config.md.bias.active(round_) else None
     calc = MLForceCalculator(
         run.checkpoint(round_), device=config.device, mc_samples=u.mc_samples, seed=u.seed,
         prediction=u.prediction, bias_strength=bias.strength if bias else 0.0,

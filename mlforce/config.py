@@ -317,6 +317,14 @@ class BiasConfig(Strict):
 
     strength: float = Field(gt=0, description="A: the most the bias lowers the energy (eV)")
     width: float = Field(1.5, gt=0, description="B: latent distance scale (RMS over atoms)")
+    rounds: int | None = Field(
+        None, ge=1, description="the walkers of the first this many campaign rounds are biased, "
+        "later rounds' run on the model alone (None: every round)",
+    )  # fmt: skip
+
+    def active(self, round_: int) -> bool:
+        """Whether the walkers of campaign round ``round_`` (1-based) run with the bias."""
+        return self.rounds is None or round_ <= self.rounds
 
 
 class MDConfig(Strict):

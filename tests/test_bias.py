@@ -93,3 +93,33 @@ def test_md_bias_in_a_config_needs_the_latent_reference():
         Config.model_validate(
             {"uncertainty": {"latent_atoms": 100}, "md": {"bias": {"strength": 0.3, "hight": 1}}}
         )
+
+
+def test_md_bias_rounds_biases_only_the_first_rounds_walkers(tmp_path, setup):
+    """md.bias.rounds: the campaign's walkers are biased in rounds 1..rounds, not after."""
+    import shutil
+
+    import yaml
+
+    from mlforce.campaign import CONFIG, RunDir, _walker_setup
+
+    model, reference = setup
+    ckpt = save_checkpoint(tmp_path / "latent.pt", model, latent=reference)
+    cfg = {"uncertainty": {"latent_atoms": 100}, "md": {"bias": {"strength": 0.3, "rounds": 2}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CONFIG).write_text(yaml.safe_dump(cfg))
+    run = RunDir(tmp_path / "run")
+    atoms = distorted_ethanol(1, 0.2, seed=5)[0]
+    strengths, bias_energies = [], []
+    for round_ in (1, 2, 3):
+        run.round_dir(round_)
+        shutil.copy(ckpt, run.checkpoint(round_))
+        calc = _walker_setup(run, round_)[2]
+        strengths.append(calc.bias_strength)
+        bias_energies.append(calc.predict([atoms])[0].get("bias_energy", 0.0))
+    assert strengths == [0.3, 0.3, 0.0]
+    assert bias_energies[0] < 0.0 and bias_energies[1] < 0.0 and bias_energies[2] == 0.0
+    with pytest.raises(ValueError, match="rounds"):
+        Config.model_validate(
+            {"uncertainty": {"latent_atoms": 100}, "md": {"bias": {"strength": 0.3, "rounds": 0}}}
+        )
