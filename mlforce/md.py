@@ -310,6 +310,8 @@ def _write(fh, frame: Atoms, step: int, dt_fs: float, results: dict, decision: s
         "md_step": step, "time_fs": step * dt_fs, "model_energy": float(results["energy"]),
         "max_force_std": sigma, "decision": decision,
     }  # fmt: skip
+    if "bias_energy" in results:  # a biased walker (mlforce.bias): model_energy includes it
+        out.info["bias_energy"] = float(results["bias_energy"])
     write_extxyz(fh, [out])
     fh.flush()
 

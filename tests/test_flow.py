@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from ase.io import read
 
 from mlforce.errors import ConfigError
 from mlforce.store import LabelStore
@@ -52,6 +53,12 @@ def test_two_rounds_give_checkpoints_labels_and_artifacts(two_rounds):
     for r in (1, 2):
         assert (run_dir / f"round_{r:03d}" / "model.pt").is_file()
         assert (run_dir / f"round_{r:03d}" / "walker_0.extxyz").is_file()
+    # md.bias.rounds = 1: round 1's walkers ran on the biased potential, round 2's did not
+    biased = read(run_dir / "round_001" / "walker_0.extxyz", ":")
+    assert all(f.info["bias_energy"] < 0.0 for f in biased)
+    assert all(
+        "bias_energy" not in f.info for f in read(run_dir / "round_002" / "walker_0.extxyz", ":")
+    )
     rows = LabelStore(run_dir / "labels.db").rows()
     seeds = [r for r in rows if r["trigger"] == "seed"]
     learned = [r for r in rows if r["trigger"] in ("uncertainty", "audit")]
