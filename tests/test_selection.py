@@ -232,7 +232,11 @@ def test_select_step_records_sigma_rescored_with_more_samples(tiny_campaign, tmp
     for frame in frames:  # the walker's σ kept, the recorded σ recomputed independently
         assert frame.info["trigger_max_force_std"] == walker_sigma[structure_hash(frame)]
         graphs = graphs_from_frames([frame], ckpt.species, ckpt.cutoff)
-        pred = predict_dataset(ckpt.models, graphs, u.label_samples, seed=u.seed + 1 + 2)
+        pred = predict_dataset(
+            ckpt.models, graphs, u.label_samples, seed=u.seed + 1 + 2,
+            local_radius=ckpt.local_radius, latent=ckpt.latent,
+        )  # fmt: skip
+        assert ckpt.latent is not None  # the tiny config's σ combines with the latent distance
         expected = pred.max_force_std(ckpt.calibration)[0]
         np.testing.assert_allclose(frame.info["max_force_std"], expected, rtol=1e-4)
         np.testing.assert_allclose(frame.info["max_force_std_raw"], pred.max_force_std()[0],
