@@ -319,7 +319,7 @@ class BiasConfig(Strict):
     width: float = Field(1.5, gt=0, description="B: latent distance scale (RMS over atoms)")
     rounds: int | None = Field(
         None, ge=1, description="the walkers of the first this many campaign rounds are biased, "
-        "later rounds' run on the model alone (None: every round)",
+        "later rounds run on the model alone (None: every round)",
     )  # fmt: skip
 
     def active(self, round_: int) -> bool:
