@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -407,7 +408,9 @@ def main() -> None:
                                                           for f in tests.values()]),
                 "training.seed": str(seed), "md.seed": str(seed), "uncertainty.seed": str(seed),
             }  # fmt: skip
-            overrides.update(parse_pairs([p for p in text.split(",") if p], name))
+            # commas inside [...] belong to a list value: md.bias.temperatures=[300,500]
+            items = re.split(r",(?![^\[]*\])", text)
+            overrides.update(parse_pairs([p for p in items if p], name))
             run_dir = out / f"{name}_s{seed}"
             if (args.skip_missing or args.collect) and not (run_dir / "state.json").is_file():
                 log(f"skip {name} seed {seed}: no run directory")

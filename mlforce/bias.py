@@ -28,13 +28,14 @@ from mlforce.model import _batch_vector, _num_graphs
 
 
 def latent_bias(
-    model: Any, graph: Any, latent: LatentReference, strength: float, width: float
+    model: Any, graph: Any, latent: LatentReference, strength: float | Tensor, width: float
 ) -> tuple[Tensor, Tensor]:
     """Bias energy (B,) in eV and its forces (n, 3) in eV/Å for the structures of ``graph``.
 
     ``model``: the checkpoint's (dropout-free) model; ``latent``: its training atoms'
-    features; ``strength`` A (eV) and ``width`` B (> 0, latent distance units) as in the
-    module docstring. Atoms of an element absent from the training data are left out of Σd².
+    features; ``strength`` A (eV; a number, or one per structure, shape (B,)) and ``width`` B
+    (> 0, latent distance units) as in the module docstring. Atoms of an element absent from
+    the training data are left out of Σd².
     """
     if width <= 0:
         raise ValueError(f"bias width must be > 0, got {width}")

@@ -450,6 +450,13 @@ def use_lockstep(config: Config) -> bool:
     return config.md.lockstep == "on"
 
 
+def bias_strength(config: Config, round_: int, temperature: float) -> float:
+    """The latent bias's A (eV) for a walker at ``temperature`` (K) in round ``round_``: 0 when
+    ``md.bias`` is off, its rounds are over, or it leaves that temperature's walkers alone."""
+    bias = config.md.bias
+    return bias.strength if bias is not None and bias.active(round_, temperature) else 0.0
+
+
 def _walker_setup(run: RunDir, round_: int) -> tuple[Config, Any, Any, str]:
     from mlforce.calculators.ml import MLForceCalculator
     from mlforce.checkpoint import checkpoint_hash
@@ -477,9 +484,10 @@ def simulate_walker(run: RunDir, round_: int, spec: dict[str, Any]) -> dict[str,
     """Run one walker in collect mode with the round's model; write its candidates."""
     from mlforce.md import run_walker
 
-    _, md, calc, model_hash = _walker_setup(run, round_)
+    config, md, calc, model_hash = _walker_setup(run, round_)
     walker = spec["walker"]
     calc.sample_index = walker  # prediction "sample": each walker its own posterior sample
+    calc.bias_strength = bias_strength(config, round_, spec["temperature"])
     candidates: list[Atoms] = []
     summary = run_walker(
         calc,
@@ -503,7 +511,7 @@ def simulate_walkers(run: RunDir, round_: int, specs: list[dict[str, Any]]) -> l
     """
     from mlforce.lockstep import run_walkers
 
-    _, md, calc, model_hash = _walker_setup(run, round_)
+    config, md, calc, model_hash = _walker_setup(run, round_)
     candidates: list[list[Atoms]] = [[] for _ in specs]
     per_walker = [
         {"walker": s["walker"], "candidates": c,
@@ -513,8 +521,10 @@ def simulate_walkers(run: RunDir, round_: int, specs: list[dict[str, Any]]) -> l
     starts = [walker_start(run, round_, s) for s in specs]
     temperatures = [s["temperature"] for s in specs]
     seeds = [md.seed + 1000 * round_ + s["walker"] for s in specs]
+    strengths = [bias_strength(config, round_, t) for t in temperatures]
     summaries = run_walkers(calc, starts, temperatures, md, seeds, per_walker=per_walker,
-                            iteration=round_, model_hash=model_hash)  # fmt: skip
+                            bias_strengths=strengths, iteration=round_,
+                            model_hash=model_hash)  # fmt: skip
     for summary in summaries:  # the walkers shared every batched call: each pays 1/n of it
         summary.model_seconds /= len(specs)
     return [

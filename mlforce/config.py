@@ -321,10 +321,18 @@ class BiasConfig(Strict):
         None, ge=1, description="the walkers of the first this many campaign rounds are biased, "
         "later rounds run on the model alone (None: every round)",
     )  # fmt: skip
+    temperatures: list[float] | None = Field(
+        None, min_length=1, description="only the walkers at these temperatures (K, from "
+        "md.temperatures) are biased, the others run on the model alone (None: all walkers)",
+    )  # fmt: skip
 
-    def active(self, round_: int) -> bool:
-        """Whether the walkers of campaign round ``round_`` (1-based) run with the bias."""
-        return self.rounds is None or round_ <= self.rounds
+    def active(self, round_: int, temperature: float | None = None) -> bool:
+        """Whether the walkers of campaign round ``round_`` (1-based) run with the bias; with
+        ``temperature`` (K), whether the walker at that temperature does."""
+        if self.rounds is not None and round_ > self.rounds:
+            return False
+        return temperature is None or self.temperatures is None or any(
+            abs(temperature - t) < 1e-6 for t in self.temperatures)  # fmt: skip
 
 
 class MDConfig(Strict):
@@ -486,6 +494,15 @@ class Config(Strict):
                 "md.bias needs the training atoms' features of one model: set "
                 "uncertainty.latent_atoms and training.ensemble: 1"
             )
+        bias = self.md.bias
+        if bias is not None and bias.temperatures is not None:
+            missing = [t for t in bias.temperatures
+                       if not any(abs(t - m) < 1e-6 for m in self.md.temperatures)]  # fmt: skip
+            if missing:
+                raise ValueError(
+                    f"md.bias.temperatures {missing} are not in md.temperatures "
+                    f"{self.md.temperatures}: no walker would be biased there"
+                )
         return self
 
     def for_training_frames(self, n_frames: int) -> Config:

@@ -37,8 +37,12 @@ from mlforce.md import WalkerSummary, run_walker
 class Lockstep:
     """Collects one structure per live walker, then evaluates them all in one batched call."""
 
-    def __init__(self, calc: MLForceCalculator, walkers: int) -> None:
+    def __init__(
+        self, calc: MLForceCalculator, walkers: int, bias_strengths: Sequence[float] | None = None
+    ) -> None:
         self.calc = calc
+        # the latent bias's A (eV) for each walker (None: the calculator's for all)
+        self.bias_strengths = None if bias_strengths is None else list(bias_strengths)
         self.live = walkers
         self.cond = threading.Condition()
         self.pending: dict[int, tuple[Atoms, bool]] = {}
@@ -80,9 +84,11 @@ class Lockstep:
         self.pending.clear()
         try:
             with torch.inference_mode(False):
+                strengths = self.bias_strengths
                 results: Sequence[dict[str, Any] | BaseException] = self.calc.predict(
-                    structures, [self.samples[w] for w in walkers]
-                )
+                    structures, [self.samples[w] for w in walkers],
+                    None if strengths is None else [strengths[w] for w in walkers],
+                )  # fmt: skip
         except BaseException as exc:  # every waiting walker gets the error
             results = [exc] * len(walkers)
         self.batches += 1
@@ -127,13 +133,16 @@ def run_walkers(
     *,
     lockstep: bool = True,
     per_walker: Sequence[dict[str, Any]] | None = None,
+    bias_strengths: Sequence[float] | None = None,
     **common: Any,
 ) -> list[WalkerSummary]:
     """Run ``len(starts)`` walkers with :func:`run_walker`; in lock-step (batched) or one by one.
 
     ``per_walker[i]`` holds keyword arguments for walker ``i`` only (``trajectory``,
-    ``candidates``, ``walker``); ``common`` those for all. Each ``starts[i]`` is advanced in
-    place. Summaries come back in walker order. Same seeds, same trajectories either way.
+    ``candidates``, ``walker``); ``common`` those for all. ``bias_strengths``: the latent
+    bias's A (eV) for each walker (None: the calculator's ``bias_strength`` for all). Each
+    ``starts[i]`` is advanced in place. Summaries come back in walker order. Same seeds, same
+    trajectories either way.
     """
     n = len(starts)
     if not (len(temperatures) == len(seeds) == n):
@@ -142,13 +151,16 @@ def run_walkers(
     kwargs = [{"walker": i, **common, **per_walker[i]} for i in range(n)]
     if not lockstep or n == 1:
         summaries = []
+        default_strength = calc.bias_strength
         for i in range(n):
             calc.sample_index = kwargs[i]["walker"]  # prediction "sample": the walker's own
+            calc.bias_strength = default_strength if bias_strengths is None else bias_strengths[i]
             summaries.append(
                 run_walker(calc, starts[i], temperatures[i], md, seed=seeds[i], **kwargs[i])
             )
+        calc.bias_strength = default_strength
         return summaries
-    group = Lockstep(calc, n)
+    group = Lockstep(calc, n, bias_strengths)
 
     def one(i: int) -> WalkerSummary:
         try:

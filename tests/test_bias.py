@@ -123,3 +123,63 @@ def test_md_bias_rounds_biases_only_the_first_rounds_walkers(tmp_path, setup):
         Config.model_validate(
             {"uncertainty": {"latent_atoms": 100}, "md": {"bias": {"strength": 0.3, "rounds": 0}}}
         )
+
+
+def test_per_structure_bias_strengths_bias_each_structure_as_alone(tmp_path, setup):
+    """predict(bias_strengths=...): each structure gets its own A; 0 leaves it unbiased."""
+    model, reference = setup
+    ckpt = save_checkpoint(tmp_path / "latent.pt", model, latent=reference)
+    a, b = distorted_ethanol(2, 0.2, seed=7)
+    plain = MLForceCalculator(ckpt, uncertainty=False)
+    biased = MLForceCalculator(ckpt, uncertainty=False, bias_strength=0.3)
+    mixed = plain.predict([a, b], bias_strengths=[0.3, 0.0])
+    assert mixed[0]["bias_energy"] < 0.0 and mixed[1]["bias_energy"] == 0.0
+    assert mixed[0]["energy"] == pytest.approx(biased.predict([a])[0]["energy"], abs=1e-9)
+    assert np.allclose(mixed[0]["forces"], biased.predict([a])[0]["forces"], atol=1e-9)
+    assert mixed[1]["energy"] == pytest.approx(plain.predict([b])[0]["energy"], abs=1e-9)
+    assert np.allclose(mixed[1]["forces"], plain.predict([b])[0]["forces"], atol=1e-9)
+    with pytest.raises(ConfigError, match="one value >= 0 per structure"):
+        plain.predict([a, b], bias_strengths=[0.3])
+
+
+def test_md_bias_temperatures_bias_only_those_walkers(tmp_path, setup):
+    """md.bias.temperatures: walkers at other temperatures run unbiased, one by one and in
+    lock-step alike (same trajectories either way)."""
+    from mlforce.campaign import bias_strength
+    from mlforce.config import MDConfig
+    from mlforce.lockstep import run_walkers
+
+    cfg = Config.model_validate(
+        {"uncertainty": {"latent_atoms": 100},
+         "md": {"temperatures": [300, 500, 700],
+                "bias": {"strength": 0.3, "rounds": 1, "temperatures": [300, 500]}}}
+    )  # fmt: skip
+    assert [bias_strength(cfg, 1, t) for t in (300, 500, 700)] == [0.3, 0.3, 0.0]
+    assert [bias_strength(cfg, 2, t) for t in (300, 500, 700)] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"not in md\.temperatures"):
+        Config.model_validate(
+            {"uncertainty": {"latent_atoms": 100},
+             "md": {"temperatures": [300], "bias": {"strength": 0.3, "temperatures": [400]}}}
+        )  # fmt: skip
+
+    model, reference = setup
+    ckpt = save_checkpoint(tmp_path / "latent.pt", model, latent=reference)
+    md = MDConfig(steps=6, trajectory_every=2, timestep_fs=0.5)
+    md.triggers.mode = "collect"
+    md.triggers.upper = 1e9
+    out = {}
+    for lockstep in (False, True):
+        calc = MLForceCalculator(ckpt, mc_samples=2, bias_strength=0.3)
+        starts = [a.copy() for a in distorted_ethanol(2, 0.05, seed=9)]
+        trajs = [tmp_path / f"{lockstep}_{i}.extxyz" for i in range(2)]
+        run_walkers(calc, starts, [300.0, 700.0], md, [1, 2], lockstep=lockstep,
+                    per_walker=[{"trajectory": t} for t in trajs],
+                    bias_strengths=[0.3, 0.0])  # fmt: skip
+        from ase.io import read
+
+        out[lockstep] = [read(t, ":") for t in trajs]
+    for lockstep, (biased, plain) in out.items():
+        assert all(f.info.get("bias_energy", 0.0) < 0.0 for f in biased[1:]), lockstep
+        assert all(f.info.get("bias_energy", 0.0) == 0.0 for f in plain), lockstep
+    for one, many in zip(out[False], out[True], strict=True):
+        assert np.allclose(one[-1].positions, many[-1].positions, atol=1e-8)

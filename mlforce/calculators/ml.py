@@ -138,12 +138,17 @@ class MLForceCalculator(Calculator):
         return batch_graphs(graphs).to(self.device)
 
     def predict(
-        self, atoms_list: Sequence[Atoms], sample_indices: Sequence[int] | None = None
+        self,
+        atoms_list: Sequence[Atoms],
+        sample_indices: Sequence[int] | None = None,
+        bias_strengths: Sequence[float] | None = None,
     ) -> list[dict[str, Any]]:
         """Results for several structures in one batched pass (one dict per structure).
 
         ``sample_indices``: with ``prediction="sample"``, the posterior sample that gives each
         structure its energy and forces (default: ``sample_index`` for all).
+        ``bias_strengths``: the latent bias's A (eV) for each structure (default:
+        ``bias_strength`` for all; 0 leaves a structure unbiased).
         """
         graph = self._graph(atoms_list)
         periodic = bool(graph.pbc.all())
@@ -172,8 +177,16 @@ class MLForceCalculator(Calculator):
         else:
             energy, forces, stress = pred.energy, pred.forces, pred.stress
         bias = None
-        if self.bias_strength > 0:
-            bias = latent_bias(ckpt.model, graph, ckpt.latent, self.bias_strength, self.bias_width)
+        strengths = [self.bias_strength] * len(atoms_list) if bias_strengths is None else [
+            float(a) for a in bias_strengths]  # fmt: skip
+        if len(strengths) != len(atoms_list) or min(strengths, default=0.0) < 0:
+            raise ConfigError("bias_strengths: one value >= 0 per structure")
+        if max(strengths, default=0.0) > 0:
+            if ckpt.latent is None:
+                raise ConfigError("a latent bias needs a checkpoint with its training atoms' "
+                                  "features (train with uncertainty.latent_atoms)")  # fmt: skip
+            strength = torch.as_tensor(strengths, dtype=torch.float64, device=graph.pos.device)
+            bias = latent_bias(ckpt.model, graph, ckpt.latent, strength, self.bias_width)
             energy, forces = energy + bias[0].to(energy.dtype), forces + bias[1].to(forces.dtype)
         stats = apply_calibration(pred, self.calibration, graph.numbers) if pred else None
         results = []
