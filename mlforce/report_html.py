@@ -263,12 +263,23 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
     ref_seconds = sum(r.get("reference_seconds", 0.0) for r in rows)
     scored = [r for r in ok if "max_force_std" in r and "true_max_force_error" in r]
     err = np.array([r["true_max_force_error"] for r in scored])
-    # Rank σ as the models gave it (raw MC std, re-scored) when every label has it: each
-    # round's calibration is one scale fitted on a few validation frames, and pooled over
-    # rounds its noise, not σ's, decides much of the ranking (docs/benchmarks.md 16).
-    raw = bool(scored) and all("max_force_std_raw" in r for r in scored)
+    config = None
+    if run_dir and (run_dir / "config.yaml").is_file():
+        from mlforce.campaign import RunDir
+
+        config = RunDir(run_dir).config()
+    # Rank σ as the models gave it (raw, re-scored) when every label has it and its unit is
+    # eV/Å: each round's calibration is one scale fitted on a few validation frames, and pooled
+    # over rounds its noise, not σ's, decides much of the ranking (docs/benchmarks.md 16). A σ
+    # with the latent distance (uncertainty.latent_atoms) is raw sqrt(σ_MC · d), d in each round
+    # model's own feature units: only the calibrated σ (eV/Å) compares rounds (section 31).
+    latent = config is not None and bool(config.uncertainty.latent_atoms) and (
+        config.training.ensemble == 1)  # fmt: skip
+    has_raw = bool(scored) and all("max_force_std_raw" in r for r in scored)
+    raw = has_raw and not latent
     sigma = np.array([r["max_force_std_raw" if raw else "max_force_std"] for r in scored])
-    sp_calibrated = spearman(np.array([r["max_force_std"] for r in scored]), err) if raw else None
+    other = "max_force_std" if raw else "max_force_std_raw"
+    sp_other = spearman(np.array([r[other] for r in scored]), err) if has_raw else None
     sp = spearman(sigma, err) if len(scored) > 2 else float("nan")
     auc = auroc_top_fraction(sigma, err, 0.1) if len(scored) >= 10 else float("nan")
     reason = state.get("stop_reason", "not finished (or not a flow run)")
@@ -285,18 +296,26 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
         f"<p><b>Stop reason:</b> {html.escape(str(reason))}. <b>Labels by trigger:</b> "
         f"{triggers}.</p>"
     )
-    which = "the raw MC max_force_std" if raw else "the predicted max_force_std"
+    which = "the raw MC max_force_std" if raw else "the predicted (calibrated) max_force_std"
     parts.append(
         f"<p>Was the uncertainty informative? Over {len(scored)} labelled frames with a model "
         f"prediction, the rank correlation between {which} and the true max "
         f"force error is {sp:.2f}, and σ flags the 10% worst frames with ROC-AUC {auc:.2f} "
         "(0.5 = no better than chance).</p>"
     )
-    if sp_calibrated is not None:
+    if sp_other is not None and raw:
         parts.append(
             f"<p>Calibrated (each round's own scale, fitted on its validation split), the same "
-            f"σ ranks the errors with Spearman {sp_calibrated:.2f}: pooled over rounds, the "
+            f"σ ranks the errors with Spearman {sp_other:.2f}: pooled over rounds, the "
             "scales' noise reorders frames of different rounds.</p>"
+        )
+    elif sp_other is not None:
+        parts.append(
+            f"<p>This campaign's σ combines the MC spread with the distance to the training "
+            f"atoms in each round model's own features (uncertainty.latent_atoms): raw, "
+            f"sqrt(σ_MC · d), its scale is each round model's own, and pooled over rounds it "
+            f"ranks the errors with Spearman {sp_other:.2f}; calibrated, every round's σ is an "
+            "expected error in eV/Å, the number the triggers compare.</p>"
         )
     walker = [r for r in scored if "trigger_max_force_std" in r]
     if len(walker) > 2:
@@ -317,11 +336,6 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
         cols = [c for c in cols if c != "check_force_mae" or "check_force_mae" in rounds[-1]]
         parts.append(_table(rounds, cols))
     parts.append(_img(_labels_per_round(rows), "labels per round by trigger"))
-    config = None
-    if run_dir and (run_dir / "config.yaml").is_file():
-        from mlforce.campaign import RunDir
-
-        config = RunDir(run_dir).config()
     parts.append("<h2>Learning and uncertainty</h2>")
     if rounds:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 from ase.io import read
 
@@ -85,6 +86,18 @@ def test_report_is_self_contained_and_renders_in_chromium(tiny_campaign, tmp_pat
         assert any(plot in alt for alt in images), plot
     for fact in ("reference calls", "Stop reason", "Spearman", "AUROC"):
         assert fact in text
+    # the tiny config's σ has the latent distance: the headline ranks the calibrated σ
+    from mlforce.metrics import spearman
+    from mlforce.store import LabelStore
+
+    scored = [r for r in LabelStore(run_dir / "labels.db").rows() if r.get("status") == "ok"
+              and "max_force_std" in r and "true_max_force_error" in r]  # fmt: skip
+    assert len(scored) > 2
+    expected = spearman(np.array([r["max_force_std"] for r in scored]),
+                        np.array([r["true_max_force_error"] for r in scored]))  # fmt: skip
+    headline = re.search(r"Spearman σ vs error<b>([-0-9.na]+)</b>", text)
+    assert headline and headline.group(1) == f"{expected:.2f}"
+    assert "predicted (calibrated) max_force_std" in text
     per_molecule = re.search(
         r"Per molecule.*?<td>C2H6O</td><td>(\d+)</td><td>([0-9.e-]+)</td>", text
     )
