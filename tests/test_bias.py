@@ -145,6 +145,8 @@ def test_per_structure_bias_strengths_bias_each_structure_as_alone(tmp_path, set
 def test_md_bias_temperatures_bias_only_those_walkers(tmp_path, setup):
     """md.bias.temperatures: walkers at other temperatures run unbiased, one by one and in
     lock-step alike (same trajectories either way)."""
+    from ase.io import read
+
     from mlforce.campaign import bias_strength
     from mlforce.config import MDConfig
     from mlforce.lockstep import run_walkers
@@ -175,8 +177,6 @@ def test_md_bias_temperatures_bias_only_those_walkers(tmp_path, setup):
         run_walkers(calc, starts, [300.0, 700.0], md, [1, 2], lockstep=lockstep,
                     per_walker=[{"trajectory": t} for t in trajs],
                     bias_strengths=[0.3, 0.0])  # fmt: skip
-        from ase.io import read
-
         out[lockstep] = [read(t, ":") for t in trajs]
     for lockstep, (biased, plain) in out.items():
         assert all(f.info.get("bias_energy", 0.0) < 0.0 for f in biased[1:]), lockstep

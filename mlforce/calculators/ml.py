@@ -122,11 +122,8 @@ class MLForceCalculator(Calculator):
             raise ConfigError(
                 f"bias_strength must be >= 0 and bias_width > 0, got {bias_strength}, {bias_width}"
             )
-        if bias_strength > 0 and self.checkpoint.latent is None:
-            raise ConfigError(
-                "a latent bias needs a checkpoint with its training atoms' features "
-                "(train with uncertainty.latent_atoms)"
-            )
+        if bias_strength > 0:
+            self._require_latent()
         self.bias_strength, self.bias_width = float(bias_strength), float(bias_width)
 
     # -- evaluation ----------------------------------------------------------------------
@@ -136,6 +133,13 @@ class MLForceCalculator(Calculator):
             for a in atoms_list
         ]
         return batch_graphs(graphs).to(self.device)
+
+    def _require_latent(self) -> None:
+        if self.checkpoint.latent is None:
+            raise ConfigError(
+                "a latent bias needs a checkpoint with its training atoms' features "
+                "(train with uncertainty.latent_atoms)"
+            )
 
     def predict(
         self,
@@ -182,9 +186,7 @@ class MLForceCalculator(Calculator):
         if len(strengths) != len(atoms_list) or min(strengths, default=0.0) < 0:
             raise ConfigError("bias_strengths: one value >= 0 per structure")
         if max(strengths, default=0.0) > 0:
-            if ckpt.latent is None:
-                raise ConfigError("a latent bias needs a checkpoint with its training atoms' "
-                                  "features (train with uncertainty.latent_atoms)")  # fmt: skip
+            self._require_latent()
             strength = torch.as_tensor(strengths, dtype=torch.float64, device=graph.pos.device)
             bias = latent_bias(ckpt.model, graph, ckpt.latent, strength, self.bias_width)
             energy, forces = energy + bias[0].to(energy.dtype), forces + bias[1].to(forces.dtype)
