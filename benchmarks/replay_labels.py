@@ -30,7 +30,9 @@ from mlforce.store import LabelStore
 from mlforce.train import train_models
 
 
-def replay(run_dir: Path, overrides: dict, tests: dict[str, str], work: Path) -> list:
+def replay(
+    run_dir: Path, overrides: dict, tests: dict[str, str], work: Path, models: int | None = None
+) -> list:
     run = RunDir(run_dir)
     base = run.config()
     config = config_from_dict(apply_overrides(base.model_dump(), overrides), "replay")
@@ -38,7 +40,8 @@ def replay(run_dir: Path, overrides: dict, tests: dict[str, str], work: Path) ->
     store = LabelStore(run.ledger)
     val_fraction = base.active_learning.val_fraction
     curve, previous = [], None
-    for k in range(1, len(state["rounds"]) + 2):  # each round's model, then the final one
+    last = len(state["rounds"]) + 1 if models is None else min(models, len(state["rounds"]) + 1)
+    for k in range(1, last + 1):  # each round's model, then the final one
         train, val = store.split(val_fraction, selection=f"iteration<{k}")
         if not val:
             val, train = train[-1:], train[:-1]
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="learner override")
     parser.add_argument("--test", action="append", required=True, metavar="NAME=FILE")
     parser.add_argument("--out", default="runs/bench/replay")
+    parser.add_argument("--models", type=int, help="replay only the first N round models")
     args = parser.parse_args()
     tests = dict(item.split("=", 1) for item in args.test)
     overrides = _parse_overrides(args.set)
@@ -68,7 +72,7 @@ def main() -> None:
     for run in args.runs:
         work = Path(args.out) / Path(run).name
         work.mkdir(parents=True, exist_ok=True)
-        result["campaigns"][Path(run).name] = replay(Path(run), overrides, tests, work)
+        result["campaigns"][Path(run).name] = replay(Path(run), overrides, tests, work, args.models)
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(result, indent=1))
 
