@@ -430,8 +430,12 @@ def main() -> None:
         if outcome["returncode"] != 0:
             entry["runs"].append({"seed": job["seed"], "failed": outcome})
             continue
-        entry["runs"].append({"seed": job["seed"], "seconds": outcome["seconds"],
-                              **campaign_curve(job["run_dir"], tests)})  # fmt: skip
+        run = {"seed": job["seed"], "seconds": outcome["seconds"],
+               **campaign_curve(job["run_dir"], tests)}  # fmt: skip
+        if args.collect and not all(run["curve"].get(t) for t in tests):
+            log(f"skip {job['name']}: no finished round yet")
+            continue
+        entry["runs"].append(run)
     if not args.no_pool:
         base = next(iter(strategies))
         entry = {"runs": []}
