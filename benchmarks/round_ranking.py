@@ -9,8 +9,8 @@ force error (deterministic model against the reference, eV/Å, as the ledger sto
 
     python benchmarks/round_ranking.py runs/bench/le/base25_s0 runs/bench/le/base25_s1 > out.json
 
-Prints JSON: per run and round, the label count and Spearman of each part; then the mean
-over runs per round.
+Prints JSON: per run and round (rounds of at least 5 labels), the label count, the Spearman
+of each part, that of the σ the ledger stored, and the round's triggers.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from mlforce.checkpoint import load_checkpoint
 from mlforce.graph import atoms_to_graph
 from mlforce.latent import atom_features, local_max
+from mlforce.metrics import spearman
 from mlforce.store import LabelStore
 from mlforce.uncertainty import predict_dataset
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    return float(spearmanr(a, b).statistic) if len(a) >= 5 else None
+    return spearman(a, b) if len(a) >= 5 else None
 
 
 def round_ranking(run_dir: Path, min_labels: int = 5) -> list[dict]:
