@@ -935,23 +935,58 @@ def test_errors(checkpoint: str, files: list[str]) -> dict[str, float]:
     return out
 
 
-def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
-    """Why the campaign stops after these rounds, or None to go on."""
+def _accuracy_failures(row: dict[str, Any], config: Config) -> list[str]:
+    """The accuracy checks the round ``row`` fails (the reference-MD check, the audits)."""
+    al = config.active_learning
+    failures = []
+    error = row.get("check_force_mae")
+    if al.check is not None and error is not None and error > al.check.target_force_mae:
+        failures.append(
+            f"force MAE on the check frames {error:.4f} > {al.check.target_force_mae} eV/Å"
+        )
+    audit = row.get("audit_max_force_error")
+    if al.audit_target is not None and audit is not None and audit > al.audit_target:
+        failures.append(
+            f"the audits' mean largest force error {audit:.3f} > {al.audit_target} eV/Å"
+        )
+    return failures
+
+
+def _quiet(rounds: list[dict[str, Any]], config: Config) -> str | None:
+    """The trigger-rate half of the stop rule: its wording if the last rounds were quiet."""
     al = config.active_learning
     k = al.converged_rounds
     recent = rounds[-k:]
     if len(recent) == k and all(r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent):
-        quiet = f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds"
-        if al.check is None:
-            return f"converged: {quiet}"
-        error = recent[-1].get("check_force_mae")
-        if error is None:  # its reference MD failed (check_file): the trigger rate alone
-            return f"converged: {quiet} (no accuracy check: its reference MD failed)"
-        if error <= al.check.target_force_mae:
-            return (
-                f"converged: {quiet}, force MAE on the check frames {error:.4f} <= "
-                f"{al.check.target_force_mae} eV/Å"
-            )
+        return f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds"
+    return None
+
+
+def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
+    """Why the campaign stops after these rounds, or None to go on."""
+    al = config.active_learning
+    quiet = _quiet(rounds, config)
+    if quiet and not _accuracy_failures(rounds[-1], config):
+        last = rounds[-1]
+        passed, unknown = [], []
+        if al.check is not None:
+            error = last.get("check_force_mae")
+            if error is None:  # its reference MD failed (check_file): the trigger rate alone
+                unknown.append("no accuracy check: its reference MD failed")
+            else:
+                passed.append(
+                    f"force MAE on the check frames {error:.4f} <= {al.check.target_force_mae} eV/Å"
+                )
+        if al.audit_target is not None:
+            audit = last.get("audit_max_force_error")
+            if audit is None:
+                unknown.append("no audits in the last round")
+            else:
+                passed.append(
+                    f"the audits' mean largest force error {audit:.3f} <= {al.audit_target} eV/Å"
+                )
+        reason = f"converged: {', '.join([quiet, *passed])}"
+        return reason + (f" ({'; '.join(unknown)})" if unknown else "")
     if rounds and rounds[-1]["labels_total"] >= al.total_label_budget:
         return f"label budget of {al.total_label_budget} reached"
     if len(rounds) >= al.max_rounds:
@@ -960,22 +995,14 @@ def convergence(rounds: list[dict[str, Any]], config: Config) -> str | None:
 
 
 def convergence_note(rounds: list[dict[str, Any]], config: Config) -> str | None:
-    """Why a campaign whose trigger rate says "converged" goes on (its check), else None."""
-    al = config.active_learning
-    k = al.converged_rounds
-    recent = rounds[-k:]
-    quiet = len(recent) == k and all(
-        r["triggers_per_ps"] < al.target_triggers_per_ps for r in recent
-    )
-    if not quiet or al.check is None:
-        return None
-    error = recent[-1].get("check_force_mae")
-    if error is None or error <= al.check.target_force_mae:
+    """Why a campaign whose trigger rate says "converged" goes on (its checks), else None."""
+    quiet = _quiet(rounds, config)
+    failures = _accuracy_failures(rounds[-1], config) if quiet else []
+    if not failures:
         return None
     return (
-        f"trigger rate below {al.target_triggers_per_ps}/ps for {k} rounds, but force MAE on "
-        f"the check frames {error:.4f} > {al.check.target_force_mae} eV/Å: the model is confident "
-        "where its MD goes and wrong elsewhere; the next round fills its label budget"
+        f"{quiet}, but {' and '.join(failures)}: the model is confident and wrong somewhere; "
+        "the next round fills its label budget"
     )
 
 

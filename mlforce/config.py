@@ -448,6 +448,17 @@ class ActiveLearningConfig(Strict):
         "reference MD, never trained on; converged then also needs the round model's force "
         "MAE on them at most check.target_force_mae. None: the trigger rate alone",
     )
+    audit_target: float | None = Field(
+        None,
+        gt=0,
+        description="eV/Å: converged then also needs the round's audits (frames of the "
+        "walkers' own MD labelled at random, md.triggers.audit_probability) to have a mean "
+        "true largest per-atom force error at most this; while they do not, each round fills "
+        "its label budget from the visited frames (trigger top_up). A model can be confident "
+        "and wrong where its own MD goes (a 2-atom hole in a 96-atom box that σ does not see, "
+        "docs/benchmarks.md 40), which reference-MD check frames never visit. None: no audit "
+        "rule",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="ledger validation split")
     round_epochs: int | None = Field(
         None, ge=1, description="training epochs after round 1 (warm start); None: training"

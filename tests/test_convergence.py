@@ -14,15 +14,19 @@ from mlforce.store import LabelStore, structure_hash
 from tests.conftest import ROOT
 
 
-def _config(check: float | None = None) -> Config:
+def _config(check: float | None = None, audit: float | None = None) -> Config:
     al = {"max_rounds": 6, "target_triggers_per_ps": 3.0, "converged_rounds": 2}
     if check is not None:
         al["check"] = {"frames": 10, "target_force_mae": check}
+    if audit is not None:
+        al["audit_target"] = audit
     return config_from_dict({"active_learning": al})
 
 
-def _round(rate: float, check: float | None = None, labels: int = 100) -> dict:
-    row = {"triggers_per_ps": rate, "labels_total": labels}
+def _round(
+    rate: float, check: float | None = None, labels: int = 100, audit: float | None = None
+) -> dict:
+    row = {"triggers_per_ps": rate, "labels_total": labels, "audit_max_force_error": audit}
     if check is not None:
         row["check_force_mae"] = check
     return row
@@ -51,6 +55,29 @@ def test_a_quiet_but_inaccurate_model_does_not_converge():
     unknown = [_round(1.0), _round(1.0)]
     assert "no accuracy check" in convergence(unknown, cfg)
     assert convergence_note(unknown, cfg) is None
+
+
+def test_audits_of_the_walkers_own_md_hold_back_a_quiet_model_that_is_wrong_there():
+    cfg = _config(audit=0.3)
+    # docs/benchmarks.md 40: the water campaign's rounds 2-3, quiet with two hydrogens of
+    # different molecules 1 Å apart that σ did not see; the audits' errors did
+    wrong = [_round(23.9, audit=0.945), _round(2.5, audit=0.742), _round(1.0, audit=0.70)]
+    assert convergence(wrong, cfg) is None
+    note = convergence_note(wrong, cfg)
+    assert "0.700 > 0.3" in note and "fills its label budget" in note
+    right = [*wrong, _round(1.0, audit=0.104)]
+    reason = convergence(right, cfg)
+    assert reason.startswith("converged") and "0.104 <= 0.3" in reason
+    assert convergence_note(right, cfg) is None
+    # a round without audits cannot be checked: the trigger rate alone, and the reason says so
+    assert "no audits" in convergence([*wrong, _round(1.0)], cfg)
+    # without the rule, the same rounds had converged on the trigger rate
+    assert convergence(wrong, _config()).startswith("converged")
+    # both checks: each must pass
+    both = _config(check=0.04, audit=0.3)
+    assert convergence([*wrong[:2], _round(1.0, 0.03, audit=0.7)], both) is None
+    assert convergence([*wrong[:2], _round(1.0, 0.05, audit=0.1)], both) is None
+    assert convergence([*wrong[:2], _round(1.0, 0.03, audit=0.1)], both).startswith("converged")
 
 
 def test_the_round_and_label_limits_still_stop_an_inaccurate_campaign():
