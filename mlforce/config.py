@@ -514,6 +514,13 @@ class Config(Strict):
                     f"md.bias.temperatures {missing} are not in md.temperatures "
                     f"{self.md.temperatures}: no walker would be biased there"
                 )
+        if self.active_learning.audit_target is not None and not (
+            self.md.triggers.audit_probability > 0
+        ):
+            raise ValueError(
+                "active_learning.audit_target needs audits: set md.triggers.audit_probability "
+                "> 0 (the share of checked MD frames labelled at random)"
+            )
         return self
 
     def for_training_frames(self, n_frames: int) -> Config:

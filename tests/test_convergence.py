@@ -4,12 +4,14 @@ independent reference frames (``active_learning.check``)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from ase.io import read
 
 from mlforce import campaign
 from mlforce.calculators.reference import compute_reference
 from mlforce.campaign import CHECK_FILE, RunDir, convergence, convergence_note
 from mlforce.config import Config, config_from_dict, load_config
+from mlforce.errors import ConfigError
 from mlforce.store import LabelStore, structure_hash
 from tests.conftest import ROOT
 
@@ -20,6 +22,8 @@ def _config(check: float | None = None, audit: float | None = None) -> Config:
         al["check"] = {"frames": 10, "target_force_mae": check}
     if audit is not None:
         al["audit_target"] = audit
+        return config_from_dict({"active_learning": al,
+                                 "md": {"triggers": {"audit_probability": 0.005}}})  # fmt: skip
     return config_from_dict({"active_learning": al})
 
 
@@ -78,6 +82,12 @@ def test_audits_of_the_walkers_own_md_hold_back_a_quiet_model_that_is_wrong_ther
     assert convergence([*wrong[:2], _round(1.0, 0.03, audit=0.7)], both) is None
     assert convergence([*wrong[:2], _round(1.0, 0.05, audit=0.1)], both) is None
     assert convergence([*wrong[:2], _round(1.0, 0.03, audit=0.1)], both).startswith("converged")
+
+
+def test_an_audit_target_without_audits_is_a_config_error():
+    with pytest.raises(ConfigError, match="audit_probability > 0"):
+        config_from_dict({"active_learning": {"audit_target": 0.3},
+                          "md": {"triggers": {"audit_probability": 0.0}}})  # fmt: skip
 
 
 def test_the_round_and_label_limits_still_stop_an_inaccurate_campaign():
