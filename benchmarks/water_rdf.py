@@ -190,7 +190,7 @@ def main() -> None:
     from ase.io import read
 
     torch.set_num_threads(args.threads)
-    atoms = read(args.structure)
+    atoms = read(args.structure) if args.model or args.xtb else None  # --load alone: no MD
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
