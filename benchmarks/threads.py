@@ -7,6 +7,7 @@ deterministic model and with T = 16 MC dropout every step (``benchmarks/md_speed
 Prints one JSON object with ratios against one thread under the flow's policy (PASSIVE).
 
     python benchmarks/threads.py --checkpoint runs/demo/round_007/model.pt
+    python benchmarks/threads.py --config configs/water_xtb.yaml --frames W.extxyz --n-frames 40
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def child(args: argparse.Namespace) -> dict:
     from mlforce.train import build_model, train_member
 
     set_threads(args.threads)
-    cfg = load_config(str(ROOT / "configs/ethanol_xtb.yaml"))
+    cfg = load_config(args.config)
     training = cfg.training.model_copy(update={"max_epochs": args.epochs, "patience": 10**6})
     cfg = cfg.model_copy(update={"training": training})
     frames = read(args.frames, f":{args.n_frames + 30}")
@@ -61,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a model for the MD part (skipped without)")
     parser.add_argument("--frames", default=str(ROOT / "datasets/ethanol_train.extxyz"))
+    parser.add_argument("--config", default=str(ROOT / "configs/ethanol_xtb.yaml"),
+                        help="the model and training settings (its batch size)")
     parser.add_argument("--n-frames", type=int, default=220, help="training frames")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--md-steps", type=int, default=300)
@@ -72,8 +75,8 @@ def main() -> None:
     results = {}
     for policy, threads in SETTINGS:
         cmd = [sys.executable, __file__, "--threads", str(threads), "--frames", args.frames,
-               "--n-frames", str(args.n_frames), "--epochs", str(args.epochs),
-               "--md-steps", str(args.md_steps)]  # fmt: skip
+               "--n-frames", str(args.n_frames), "--config", args.config,
+               "--epochs", str(args.epochs), "--md-steps", str(args.md_steps)]  # fmt: skip
         if args.checkpoint:
             cmd += ["--checkpoint", args.checkpoint]
         env = dict(os.environ, OMP_WAIT_POLICY=policy)
